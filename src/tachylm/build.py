@@ -1,0 +1,65 @@
+"""The one place that orders model construction.
+
+meta init -> (quantized-module swap) -> assign-load the checkpoint tensors on the target device
+-> rotary tables. The model is never materialised twice: modules are created without storage
+on the meta device and the loaded tensors become the parameters directly (`assign=True`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tachylm.checkpoints import Checkpoint
+from tachylm.config import ModelConfig
+from tachylm.model import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map a user-facing dtype name to torch (ValueError lists the choices)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_model(checkpoint: Checkpoint, *, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Transformer:
+    """Create the model for `checkpoint` on `device` with weights in `dtype`.
+
+    Args:
+        checkpoint: what a reader returned (canonical tensors, already checked).
+        device, dtype: placement of the weights.
+        max_seq_len: longest sequence the rotary tables must cover (default: the config's).
+    Returns:
+        The model in eval mode. The checkpoint's tensors are consumed (moved, not copied, where
+        device and dtype already match).
+    """
+    config = checkpoint.config
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in checkpoint.tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.setup_rope(max_seq_len or config.max_seq_len, device)
+    return model.eval().requires_grad_(False)
+
+
+def build_random_model(config: ModelConfig, *, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                       max_seq_len: int | None = None, std: float = 0.02) -> Transformer:
+    """A model with random weights (normal, std 0.02; norms 1.0), generated on `device`.
+
+    Used by benchmarks at real shapes: throughput does not depend on the values.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, std, generator=generator)
+    model.setup_rope(max_seq_len or config.max_seq_len, device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,61 @@
+"""The one KV cache: static, pre-allocated key/value buffers for every layer.
+
+One signature serves prefill (T = prompt length), decode (T = 1), speculative verify
+(T = k + 1) and ragged batches: each row writes its new keys/values at its own positions
+`input_pos[b, t]`, and attention masks every cache slot past the query's own position. Because
+masking is by position, rolling a row back is just decoding from an earlier position again:
+stale slots are never read before they are overwritten. Shapes never change, so CUDA graphs
+captured over the cache stay valid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """Key/value buffers of shape [n_layers, batch, n_kv_heads, max_seq_len, head_dim].
+
+    Args:
+        n_layers, batch_size, max_seq_len, n_kv_heads, head_dim: sizes.
+        device, dtype: where and how the buffers are stored.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int,
+                 head_dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("batch_index", torch.arange(batch_size, device=device)[:, None],
+                             persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values and return the layer's whole buffers.
+
+        Args:
+            layer: layer index.
+            input_pos: [B, T] positions the new entries belong at.
+            k, v: [B, n_kv_heads, T, head_dim].
+        Returns:
+            (keys, values), each [B, n_kv_heads, max_seq_len, head_dim].
+        """
+        k_layer, v_layer = self.k[layer], self.v[layer]
+        # Advanced indices around a slice put the indexed dims first: the target is [B, T, H, D].
+        k_layer[self.batch_index, :, input_pos] = k.transpose(1, 2).to(k_layer.dtype)
+        v_layer[self.batch_index, :, input_pos] = v.transpose(1, 2).to(v_layer.dtype)
+        return k_layer, v_layer

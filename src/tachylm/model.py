@@ -1,0 +1,171 @@
+"""The network: one Llama-family decoder covering every supported family by configuration.
+
+`Transformer.forward(tokens[B, T], input_pos[B, T], cache) -> logits`. The model knows nothing
+about devices, dtypes, checkpoint formats, quantization or parallelism: build.py creates it (on
+the meta device), swaps modules and loads weights; the KV cache is passed in.
+
+Differences between families are flags on `ModelConfig`: grouped-query attention
+(n_kv_heads < n_heads), q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings
+(Llama 3.2, SmolLM2), Llama 3.1 rotary scaling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tachylm.cache import KVCache
+from tachylm.config import ModelConfig, rope_frequencies
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, scaled in the input dtype (as HF does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of each head (Hugging Face's half-split order).
+
+    Args:
+        x: [B, H, T, head_dim].
+        cos, sin: [B, 1, T, head_dim / 2], float32.
+    Returns:
+        [B, H, T, head_dim] in x's dtype.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                layer: int, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # [B, T, H * D] -> [B, H, T, D]
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, input_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv_heads != self.n_heads:
+            # Expand kv heads for grouped-query attention (works on every SDPA backend).
+            repeat = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, layer, input_pos, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, layer, input_pos, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """A Llama-family decoder-only transformer.
+
+    Args:
+        config: the architecture.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size,
+                                                                    bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def setup_rope(self, max_seq_len: int, device: torch.device | str) -> None:
+        """(Re)compute the rotary tables for positions [0, max_seq_len) on `device`."""
+        inv_freq = torch.tensor(rope_frequencies(self.config), dtype=torch.float64, device=device)
+        angles = torch.arange(max_seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq
+        self.rope_cos = angles.cos().float()  # [S, head_dim / 2]
+        self.rope_sin = angles.sin().float()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the network.
+
+        Args:
+            tokens: [B, T] token ids.
+            input_pos: [B, T] position of each token; default 0..T-1 for every row.
+            cache: the KV cache to write to and attend over; None attends causally within
+                `tokens` only.
+            logit_index: optional [B] index into T: return logits for that one position per row.
+        Returns:
+            logits [B, T, vocab] (or [B, 1, vocab] with `logit_index`), float32.
+        """
+        batch, seq = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(seq, device=tokens.device).expand(batch, seq)
+        if self.rope_cos.numel() == 0:
+            raise RuntimeError("Transformer.setup_rope() must be called before forward()")
+        cos = self.rope_cos[input_pos][:, None]  # [B, 1, T, head_dim / 2]
+        sin = self.rope_sin[input_pos][:, None]
+        mask = None
+        if cache is not None:
+            slots = torch.arange(cache.max_seq_len, device=tokens.device)
+            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, S]
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, i, input_pos, cache)
+        if logit_index is not None:
+            x = x[torch.arange(batch, device=x.device), logit_index][:, None]
+        x = self.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.embed.weight).float()
+        return self.lm_head(x).float()
