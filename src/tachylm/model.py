@@ -63,7 +63,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                layer: int, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+                layer: int, input_pos: torch.Tensor, cache: KVCache | None,
+                kv_limit: int | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # [B, T, H * D] -> [B, H, T, D]
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
@@ -74,6 +75,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, input_pos, k, v)
+            if kv_limit is not None:  # attend over the filled slots only
+                k, v = k[:, :, :kv_limit], v[:, :, :kv_limit]
             k, v = k.to(q.dtype), v.to(q.dtype)
         if self.n_kv_heads != self.n_heads:
             # Expand kv heads for grouped-query attention (works on every SDPA backend).
@@ -106,8 +109,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, layer, input_pos, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, layer, input_pos, cache)
+    def forward(self, x, cos, sin, mask, layer, input_pos, cache, kv_limit=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, layer, input_pos, cache, kv_limit)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -137,7 +140,8 @@ class Transformer(nn.Module):
         self.rope_sin = angles.sin().float()
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logit_index: torch.Tensor | None = None,
+                kv_limit: int | None = None) -> torch.Tensor:
         """Run the network.
 
         Args:
@@ -146,6 +150,8 @@ class Transformer(nn.Module):
             cache: the KV cache to write to and attend over; None attends causally within
                 `tokens` only.
             logit_index: optional [B] index into T: return logits for that one position per row.
+            kv_limit: attend over cache slots [0, kv_limit) only; every query position must be
+                below it. Saves reading the empty part of a long cache (eager decode).
         Returns:
             logits [B, T, vocab] (or [B, 1, vocab] with `logit_index`), float32.
         """
@@ -158,11 +164,11 @@ class Transformer(nn.Module):
         sin = self.rope_sin[input_pos][:, None]
         mask = None
         if cache is not None:
-            slots = torch.arange(cache.max_seq_len, device=tokens.device)
+            slots = torch.arange(kv_limit or cache.max_seq_len, device=tokens.device)
             mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, S]
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, i, input_pos, cache)
+            x = layer(x, cos, sin, mask, i, input_pos, cache, kv_limit)
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index][:, None]
         x = self.norm(x)

@@ -1,0 +1,7 @@
+"""`python -m tachylm` runs the command-line interface."""
+
+import sys
+
+from tachylm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Sampling on the device, without host synchronisation.
+
+`SamplingParams` is what a user asks for (validated, with explicit defaults). `SamplingTensors`
+holds the same values as per-row device tensors, so one compiled step serves every setting.
+`sample()` draws a token per row with an exponential race (argmax of p / Exp(1) samples from p),
+applies top-k, top-p and min-p by masks over a sorted candidate set, repetition penalty from a
+per-row "seen" mask, and greedy rows (temperature 0) by argmax, all as tensor operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token.
+
+    Attributes:
+        temperature: 0 means greedy; otherwise logits are divided by it.
+        top_k: keep the k most likely tokens (0 = no limit).
+        top_p: keep the smallest set of tokens whose probability reaches top_p (1 = off).
+        min_p: drop tokens less likely than min_p times the most likely one (0 = off).
+        repetition_penalty: > 1 discourages tokens already in the prompt or output (1 = off).
+        seed: seed for the random draws (None = nondeterministic).
+    """
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def greedy_params(cls) -> "SamplingParams":
+        return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+class SamplingTensors(NamedTuple):
+    """Per-row sampling settings on the device; each field is [B] (top_k long, others float)."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The static part of sampling, fixed per compiled step: which operations run at all.
+
+    Attributes:
+        candidates: how many top tokens to sort for filtering (0 = no filtering at all).
+        penalize: apply the repetition penalty.
+    """
+
+    candidates: int
+    penalize: bool
+
+
+def plan_for(params: list[SamplingParams], vocab_size: int) -> SamplingPlan:
+    """Choose the static plan that serves every row's parameters."""
+    filtering = any(not p.greedy and (p.top_k or p.top_p < 1 or p.min_p > 0) for p in params)
+    candidates = 0
+    if filtering:
+        unlimited = any(not p.greedy and not p.top_k for p in params)
+        candidates = vocab_size if unlimited else min(vocab_size, max(p.top_k for p in params))
+    return SamplingPlan(candidates=candidates,
+                        penalize=any(p.repetition_penalty != 1 for p in params))
+
+
+def to_tensors(params: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
+    """Stack per-row parameters into device tensors."""
+    def col(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+    return SamplingTensors(
+        temperature=col([p.temperature for p in params], torch.float32),
+        top_k=col([p.top_k for p in params], torch.long),
+        top_p=col([p.top_p for p in params], torch.float32),
+        min_p=col([p.min_p for p in params], torch.float32),
+        repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
+    )
+
+
+def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick one token per row.
+
+    Args:
+        logits: [B, V] float32.
+        settings: per-row settings.
+        plan: static choice of operations (see `plan_for`).
+        seen: [B, V] bool, tokens already in the sequence (needed when plan.penalize).
+    Returns:
+        [B] long token ids.
+    """
+    logits = logits.float()
+    if plan.penalize:
+        penalty = settings.repetition_penalty[:, None]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    greedy_tokens = logits.argmax(dim=-1)
+    scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
+    if plan.candidates:
+        values, indices = scaled.topk(plan.candidates, dim=-1)  # sorted, descending
+        ranks = torch.arange(plan.candidates, device=logits.device)[None, :]
+        top_k = torch.where(settings.top_k > 0, settings.top_k, plan.candidates)[:, None]
+        probs = torch.softmax(values.masked_fill(ranks >= top_k, float("-inf")), dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
+        keep = (before < settings.top_p[:, None]) & (probs >= settings.min_p[:, None] * probs[:, :1])
+        probs = probs * keep
+    else:
+        indices = None
+        probs = torch.softmax(scaled, dim=-1)
+    # exponential_ can return exactly 0 in float32; clamp so 0/0 never yields NaN
+    race = probs / torch.empty_like(probs).exponential_(1).clamp_min_(1e-20)
+    choice = race.argmax(dim=-1)
+    if indices is not None:
+        choice = indices.gather(-1, choice[:, None])[:, 0]
+    return torch.where(settings.temperature > 0, choice, greedy_tokens)

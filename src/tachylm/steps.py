@@ -1,0 +1,120 @@
+"""Prefill and decode steps over one model and one KV cache, eager or compiled.
+
+Strategies (generate.py, speculative decoding, the server) call these, never the model. The
+compiled callables live in a `Steps` object; nothing is rebound at module level and compiler
+options are passed to `torch.compile` here, scoped to these calls.
+
+Decode runs model + sampling as one step (compiled with CUDA graphs when asked). Prefill pads the
+prompt to a multiple of `PREFILL_MULTIPLE` so compiled prefill sees few distinct shapes, and
+returns the logits of each row's last real token only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from tachylm.cache import KVCache
+from tachylm.model import Transformer
+from tachylm.sampling import SamplingPlan, SamplingTensors, sample
+
+PREFILL_MULTIPLE = 16
+
+
+def padded_length(length: int, limit: int) -> int:
+    """Prompt length rounded up to the prefill granularity, never past `limit`."""
+    return min(-(-length // PREFILL_MULTIPLE) * PREFILL_MULTIPLE, limit)
+
+
+class Steps:
+    """Prefill/decode callables bound to a model and its cache.
+
+    Args:
+        model: the network.
+        cache: its KV cache (batch size and length fixed here).
+        compile_decode: compile the decode step (CUDA graphs on a GPU).
+        compile_prefill: compile prefill (dynamic length, so prompts do not recompile).
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, *, compile_decode: bool = False,
+                 compile_prefill: bool = False):
+        self.model = model
+        self.cache = cache
+        self.compile_decode = compile_decode
+        self.compile_prefill = compile_prefill
+        self._decode_fns: dict[SamplingPlan, Callable] = {}
+        self._prefill_fn = self._prefill_impl
+        if compile_prefill:
+            self._prefill_fn = torch.compile(self._prefill_impl, fullgraph=True, dynamic=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.k.device
+
+    def _prefill_impl(self, tokens, input_pos, logit_index, kv_limit=None):
+        return self.model(tokens, input_pos, self.cache, logit_index, kv_limit)[:, 0]
+
+    def _decode_impl(self, token, input_pos, settings, seen, plan, kv_limit=None):
+        logits = self.model(token, input_pos, self.cache, kv_limit=kv_limit)[:, -1]
+        return sample(logits, settings, plan, seen), logits
+
+    def _decode_fn(self, plan: SamplingPlan) -> Callable:
+        fn = self._decode_fns.get(plan)
+        if fn is None:
+            fn = functools.partial(self._decode_impl, plan=plan)
+            if self.compile_decode:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                fn = torch.compile(fn, mode=mode, fullgraph=True)
+            self._decode_fns[plan] = fn
+        return fn
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Write a prompt into the cache and return the logits after its last token.
+
+        Args:
+            tokens: [B, T] ids, all rows the same length, placed at positions start_pos...
+            start_pos: position of the first token.
+        Returns:
+            [B, vocab] float32 logits for the token after the prompt.
+        """
+        batch, length = tokens.shape
+        end = start_pos + length
+        if end > self.cache.max_seq_len:
+            raise ValueError(f"prompt ends at position {end}, past the context length "
+                             f"{self.cache.max_seq_len}; shorten it or raise --max-seq-len")
+        padded = padded_length(length, self.cache.max_seq_len - start_pos)
+        if padded > length:
+            # Padding goes into cache slots past the prompt; they are masked until overwritten.
+            tokens = torch.nn.functional.pad(tokens, (0, padded - length))
+        input_pos = torch.arange(start_pos, start_pos + padded, device=tokens.device).expand(batch, -1)
+        logit_index = torch.full((batch,), length - 1, device=tokens.device)
+        if self.compile_prefill:
+            return self._prefill_fn(tokens, input_pos, logit_index).clone()
+        return self._prefill_fn(tokens, input_pos, logit_index, start_pos + padded)
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, input_pos: torch.Tensor, settings: SamplingTensors,
+               plan: SamplingPlan, seen: torch.Tensor | None = None, kv_limit: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step: feed `token` at `input_pos`, sample the next token.
+
+        Args:
+            token: [B, 1] ids; input_pos: [B, 1] positions.
+            settings, plan, seen: sampling (see sampling.sample).
+            kv_limit: exclusive bound on the positions in use; eager steps attend over that
+                prefix of the cache only (compiled steps keep static shapes and ignore it).
+        Returns:
+            (next token [B], logits [B, vocab]); both are fresh tensors the caller may keep.
+        """
+        if self.compile_decode and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        fn = self._decode_fn(plan)
+        if self.compile_decode:
+            next_token, logits = fn(token, input_pos, settings, seen)
+        else:
+            next_token, logits = fn(token, input_pos, settings, seen, kv_limit=kv_limit)
+        # CUDA-graph outputs are overwritten by the next replay: hand out copies.
+        return next_token.clone(), logits.clone()
