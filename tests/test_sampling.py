@@ -1,0 +1,94 @@
+"""Sampling: filters by mask, greedy rows, penalties, seeds, parameter validation."""
+
+import pytest
+import torch
+
+from tachylm.sampling import SamplingParams, plan_for, sample, to_tensors
+
+
+def _draw(logits, params, n=4000, seen=None):
+    plan = plan_for([params], logits.shape[-1])
+    settings = to_tensors([params], "cpu")
+    batch = logits.expand(n, -1)
+    settings = type(settings)(*(t.expand(n) for t in settings))
+    seen = None if seen is None else seen.expand(n, -1)
+    return sample(batch, settings, plan, seen)
+
+
+LOGITS = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]]))
+
+
+def test_greedy_is_argmax():
+    tokens = _draw(LOGITS, SamplingParams.greedy_params(), n=10)
+    assert tokens.tolist() == [0] * 10
+
+
+def test_temperature_one_follows_the_distribution():
+    torch.manual_seed(0)
+    tokens = _draw(LOGITS, SamplingParams(temperature=1.0, top_p=1.0), n=20000)
+    freq = torch.bincount(tokens, minlength=5).float() / tokens.numel()
+    assert torch.allclose(freq, LOGITS.exp()[0], atol=0.015)
+
+
+def test_top_k_keeps_only_k_tokens():
+    torch.manual_seed(0)
+    tokens = _draw(LOGITS, SamplingParams(temperature=1.0, top_k=2, top_p=1.0))
+    assert set(tokens.tolist()) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    torch.manual_seed(0)
+    # 0.4 + 0.3 = 0.7 < 0.75, so the third token (0.2) is needed too; the rest are dropped.
+    tokens = _draw(LOGITS, SamplingParams(temperature=1.0, top_p=0.75))
+    assert set(tokens.tolist()) == {0, 1, 2}
+
+
+def test_min_p_drops_unlikely_tokens():
+    torch.manual_seed(0)
+    # min_p 0.45 of the top probability 0.4 = 0.18: tokens 0, 1, 2 (0.2) stay.
+    tokens = _draw(LOGITS, SamplingParams(temperature=1.0, top_p=1.0, min_p=0.45))
+    assert set(tokens.tolist()) == {0, 1, 2}
+
+
+def test_low_temperature_sharpens():
+    torch.manual_seed(0)
+    tokens = _draw(LOGITS, SamplingParams(temperature=0.05, top_p=1.0), n=2000)
+    assert (tokens == 0).float().mean() > 0.99
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, True]])
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.5)
+    assert _draw(logits, params, n=1, seen=seen).tolist() == [1]  # 2.0 / 1.5 < 1.9
+    plain = SamplingParams(temperature=0.0)
+    assert _draw(logits, plain, n=1, seen=seen).tolist() == [0]
+
+
+def test_mixed_rows_greedy_and_sampled():
+    params = [SamplingParams.greedy_params(), SamplingParams(temperature=1.0, top_k=1)]
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
+    out = sample(logits, to_tensors(params, "cpu"), plan_for(params, 3))
+    assert out.tolist() == [1, 0]
+
+
+def test_seed_reproduces():
+    params = SamplingParams(temperature=1.0, top_p=1.0)
+    torch.manual_seed(7)
+    a = _draw(LOGITS, params, n=50)
+    torch.manual_seed(7)
+    b = _draw(LOGITS, params, n=50)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature"),
+    (dict(top_k=-3), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(min_p=1.0), "min_p"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_bad_parameters_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
