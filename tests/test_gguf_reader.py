@@ -39,7 +39,7 @@ def test_llama_f32_round_trip_and_config(tmp_path):
     assert all(t.dtype == torch.float32 for t in checkpoint.tensors.values())
     assert checkpoint.chat_template.startswith("{% for m in messages")
     assert checkpoint.metadata["tokenizer.ggml.tokens"][:2] == ["tok0", "tok1"]
-    assert "rope_freq_divisors" not in checkpoint.metadata
+    assert checkpoint.config.rope_freq_divisors is None
 
 
 def test_permutation_convention():
@@ -136,14 +136,14 @@ def test_dtype_argument(tmp_path):
         read_gguf(path, dtype=torch.int8)
 
 
-def test_rope_freqs_tensor_goes_to_metadata(tmp_path):
+def test_rope_freqs_tensor_goes_to_config(tmp_path):
     config = tiny_config()
     tensors = to_gguf_tensors(hf_weights(config), config, permute=True)
     divisors = np.linspace(1.0, 8.0, config.head_dim // 2, dtype=np.float32)
     tensors["rope_freqs.weight"] = divisors
     checkpoint = read_gguf(write_gguf(tmp_path / "m.gguf", "llama", tensors,
                                       config_metadata(config, "llama")))
-    np.testing.assert_array_equal(checkpoint.metadata["rope_freq_divisors"].numpy(), divisors)
+    assert checkpoint.config.rope_freq_divisors == tuple(divisors.tolist())
     assert "rope_freqs.weight" not in checkpoint.tensors
 
 

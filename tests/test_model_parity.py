@@ -84,3 +84,31 @@ def test_ragged_rows_use_their_own_positions(tmp_path):
         alone1 = model(tokens[1:, :6])[:, -1]
     assert torch.allclose(step[0, 0], alone0[0], atol=1e-5)
     assert torch.allclose(step[1, 0], alone1[0], atol=1e-5)
+
+
+def test_gguf_rope_divisors_equal_llama3_scaling():
+    """Llama 3.1 GGUFs store their scaling as per-frequency divisors; both forms agree."""
+    import math
+
+    from tachylm.config import ModelConfig, RopeScaling, rope_frequencies
+
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)
+    base = ModelConfig(family="llama", vocab_size=10, dim=512, n_layers=1, n_heads=4, n_kv_heads=4,
+                       head_dim=128, ffn_dim=8, rope_theta=500000.0)
+    scaled = rope_frequencies(base.replace(rope_scaling=scaling))
+    plain = rope_frequencies(base)
+    # The divisors as llama.cpp's converter writes them: 1, factor, or a smooth blend.
+    divisors = []
+    for f in plain:
+        wavelen = 2 * math.pi / f
+        if wavelen < 8192 / 4.0:
+            divisors.append(1.0)
+        elif wavelen > 8192 / 1.0:
+            divisors.append(8.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            divisors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    from_divisors = rope_frequencies(base.replace(rope_freq_divisors=tuple(divisors)))
+    assert max(abs(a - b) / a for a, b in zip(scaled, from_divisors)) < 1e-12
+    assert any(abs(a - b) / a > 0.1 for a, b in zip(scaled, plain))

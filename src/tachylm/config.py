@@ -53,6 +53,8 @@ class ModelConfig:
         norm_eps: RMSNorm epsilon.
         rope_theta: rotary base.
         rope_scaling: Llama 3.1 scaling, or None.
+        rope_freq_divisors: one divisor per rotary frequency (GGUF's `rope_freqs` tensor, the
+            form Llama 3.1 GGUF files carry their scaling in), or None.
         max_seq_len: the longest context the checkpoint supports.
         tie_embeddings: the output head reuses the embedding table.
         qkv_bias: q/k/v projections have a bias (Qwen2).
@@ -70,6 +72,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    rope_freq_divisors: tuple[float, ...] | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False
@@ -86,6 +89,9 @@ class ModelConfig:
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_freq_divisors is not None and len(self.rope_freq_divisors) != self.head_dim // 2:
+            raise ValueError(f"rope_freq_divisors needs head_dim / 2 = {self.head_dim // 2} values, "
+                             f"got {len(self.rope_freq_divisors)}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (the config itself is immutable)."""
@@ -191,6 +197,8 @@ def rope_frequencies(config: ModelConfig) -> "list[float]":
     """
     half = config.head_dim // 2
     freqs = [1.0 / (config.rope_theta ** (2 * i / config.head_dim)) for i in range(half)]
+    if config.rope_freq_divisors is not None:
+        freqs = [f / d for f, d in zip(freqs, config.rope_freq_divisors)]
     scaling = config.rope_scaling
     if scaling is None:
         return freqs

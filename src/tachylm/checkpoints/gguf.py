@@ -15,10 +15,8 @@ Layout facts this module relies on:
     llama.cpp and are stored unpermuted. `_ROTARY_INTERLEAVED` records which is which and the
     reader undoes the permutation, so q/k come out in HF order.
   * Llama 3.1 GGUFs carry no rope-scaling keys; they store ``rope_freqs.weight``, one divisor per
-    rotary frequency pair (inverse frequency = base frequency / divisor). The reader cannot turn
-    that back into a `RopeScaling` in general, so it returns it as
-    ``Checkpoint.metadata["rope_freq_divisors"]`` (float32 tensor ``[head_dim // 2]``) for the
-    model to apply.
+    rotary frequency pair (inverse frequency = base frequency / divisor). The reader puts those
+    divisors into ``ModelConfig.rope_freq_divisors``, which the model applies.
 """
 
 from __future__ import annotations
@@ -159,8 +157,7 @@ def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) 
         dtype: floating dtype of the returned tensors (dequantization runs in float32).
     Returns:
         A `Checkpoint` with canonical tensor names, q/k in HF rotary order, ``metadata`` holding
-        every GGUF key/value (plus ``"rope_freq_divisors"`` when the file has ``rope_freqs.weight``)
-        and ``chat_template`` from ``tokenizer.chat_template``.
+        every GGUF key/value, and ``chat_template`` from ``tokenizer.chat_template``.
     Raises:
         ValueError: unsupported architecture (lists the supported ones).
         CheckpointError: any other problem with the file, naming it and the tensor or key.
@@ -190,7 +187,8 @@ def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) 
             raise CheckpointError(
                 f"{gguf_file.path}: {_ROPE_FREQS} has shape {list(info.shape)}, expected "
                 f"[{config.head_dim // 2}] (one divisor per rotary frequency); the file is corrupt")
-        metadata["rope_freq_divisors"] = _load_tensor(gguf_file, info)
+        divisors = _load_tensor(gguf_file, info).float()
+        config = config.replace(rope_freq_divisors=tuple(divisors.tolist()))
     return Checkpoint(config=config, tensors=tensors, path=gguf_file.path,
                       chat_template=metadata.get("tokenizer.chat_template"), metadata=metadata)
 
