@@ -112,3 +112,14 @@ def test_gguf_rope_divisors_equal_llama3_scaling():
     from_divisors = rope_frequencies(base.replace(rope_freq_divisors=tuple(divisors)))
     assert max(abs(a - b) / a for a, b in zip(scaled, from_divisors)) < 1e-12
     assert any(abs(a - b) / a > 0.1 for a, b in zip(scaled, plain))
+
+
+def test_fused_weights_split_back_to_the_checkpoint(tmp_path):
+    from tachylm.build import canonical_tensors
+
+    _hf_model("qwen2", tmp_path)
+    original = {k: v.clone() for k, v in read_hf(str(tmp_path)).tensors.items()}
+    model = build_model(read_hf(str(tmp_path)), dtype=torch.float32)
+    back = canonical_tensors(model)
+    assert set(back) == set(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)

@@ -24,6 +24,52 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# Fused model parameters and the canonical tensors stacked (along dim 0) to make them.
+FUSED = {"attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical checkpoint tensors -> the model's state dict (q/k/v and gate/up stacked).
+
+    Consumes `tensors` (parts are removed as they are stacked, so peak memory stays low). The
+    checkpoint was already checked, so every part of a fused matrix is present.
+    """
+    out = {}
+    for name in list(tensors):
+        if name not in tensors:  # already stacked with its siblings
+            continue
+        base, _, suffix = name.rpartition(".")
+        for fused, parts in FUSED.items():
+            part = next((p for p in parts if base.endswith("." + p)), None)
+            if part is not None:
+                owner = base[: -len(part)]
+                out[f"{owner}{fused}.{suffix}"] = torch.cat(
+                    [tensors.pop(f"{owner}{p}.{suffix}") for p in parts])
+                break
+        else:
+            out[name] = tensors.pop(name)
+    return out
+
+
+def canonical_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under canonical checkpoint names (fused matrices split back; views)."""
+    config = model.config
+    sizes = {"attn.qkv_proj": [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2,
+             "mlp.gate_up_proj": [config.ffn_dim] * 2}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        base, _, suffix = name.rpartition(".")
+        fused = next((f for f in FUSED if base.endswith("." + f)), None)
+        if fused is None:
+            out[name] = tensor
+            continue
+        owner = base[: -len(fused)]
+        for part, piece in zip(FUSED[fused], tensor.split(sizes[fused])):
+            out[f"{owner}{part}.{suffix}"] = piece
+    return out
+
+
 def build_model(checkpoint: Checkpoint, *, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Transformer:
     """Create the model for `checkpoint` on `device` with weights in `dtype`.
@@ -39,7 +85,8 @@ def build_model(checkpoint: Checkpoint, *, device: torch.device | str = "cpu",
     config = checkpoint.config
     with torch.device("meta"):
         model = Transformer(config)
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in checkpoint.tensors.items()}
+    state = {name: tensor.to(device=device, dtype=dtype)
+             for name, tensor in fuse_tensors(checkpoint.tensors).items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.setup_rope(max_seq_len or config.max_seq_len, device)
     return model.eval().requires_grad_(False)

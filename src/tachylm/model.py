@@ -4,6 +4,10 @@
 about devices, dtypes, checkpoint formats, quantization or parallelism: build.py creates it (on
 the meta device), swaps modules and loads weights; the KV cache is passed in.
 
+Parameter names are the canonical checkpoint names (checkpoints/__init__.py) except two fused
+matrices: `attn.qkv_proj` = [q_proj; k_proj; v_proj] and `mlp.gate_up_proj` = [gate_proj; up_proj]
+stacked along the output dimension (build.py does the stacking).
+
 Differences between families are flags on `ModelConfig`: grouped-query attention
 (n_kv_heads < n_heads), q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings
 (Llama 3.2, SmolLM2), Llama 3.1 rotary scaling.
@@ -52,9 +56,9 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.q_size, self.kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        # q, k and v in one matrix: one larger matrix-vector product reads memory better than three.
+        self.qkv_proj = nn.Linear(c.dim, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
@@ -66,10 +70,11 @@ class Attention(nn.Module):
                 layer: int, input_pos: torch.Tensor, cache: KVCache | None,
                 kv_limit: int | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # [B, T, H * D] -> [B, H, T, D]
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -93,12 +98,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.ffn_dim = config.ffn_dim
+        # gate and up projections fused into one matrix, like q/k/v.
+        self.gate_up_proj = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
         self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split([self.ffn_dim, self.ffn_dim], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
