@@ -59,6 +59,8 @@ def canonical_tensors(model: Transformer) -> dict[str, torch.Tensor]:
              "mlp.gate_up_proj": [config.ffn_dim] * 2}
     out = {}
     for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
         base, _, suffix = name.rpartition(".")
         fused = next((f for f in FUSED if base.endswith("." + f)), None)
         if fused is None:
@@ -87,7 +89,11 @@ def build_model(checkpoint: Checkpoint, *, device: torch.device | str = "cpu",
         model = Transformer(config)
     state = {name: tensor.to(device=device, dtype=dtype)
              for name, tensor in fuse_tensors(checkpoint.tensors).items()}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
     model.setup_rope(max_seq_len or config.max_seq_len, device)
     return model.eval().requires_grad_(False)
 
@@ -102,6 +108,8 @@ def build_random_model(config: ModelConfig, *, device: torch.device | str = "cpu
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device).to(dtype)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):

@@ -134,8 +134,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size,
-                                                                    bias=False)
+        # With tied embeddings build.py makes lm_head.weight the embedding table itself; the head
+        # is still a module so quantization can swap it like any other Linear.
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -179,6 +180,4 @@ class Transformer(nn.Module):
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index][:, None]
         x = self.norm(x)
-        if self.lm_head is None:
-            return F.linear(x, self.embed.weight).float()
         return self.lm_head(x).float()
