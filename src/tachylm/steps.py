@@ -36,18 +36,29 @@ class Steps:
         cache: its KV cache (batch size and length fixed here).
         compile_decode: compile the decode step (CUDA graphs on a GPU).
         compile_prefill: compile prefill (dynamic length, so prompts do not recompile).
+        backend: torch.compile backend ("inductor"; "eager"/"aot_eager" for fast CPU tests).
     """
 
     def __init__(self, model: Transformer, cache: KVCache, *, compile_decode: bool = False,
-                 compile_prefill: bool = False):
+                 compile_prefill: bool = False, backend: str = "inductor"):
         self.model = model
         self.cache = cache
         self.compile_decode = compile_decode
         self.compile_prefill = compile_prefill
+        self.backend = backend
         self._decode_fns: dict[SamplingPlan, Callable] = {}
         self._prefill_fn = self._prefill_impl
         if compile_prefill:
-            self._prefill_fn = torch.compile(self._prefill_impl, fullgraph=True, dynamic=True)
+            self._prefill_fn = torch.compile(self._prefill_impl, fullgraph=True, dynamic=True,
+                                             backend=backend, options=self._options(cudagraphs=False))
+
+    def _options(self, cudagraphs: bool) -> dict | None:
+        """Inductor options, scoped to these compiled callables (never set globally)."""
+        if self.backend != "inductor":
+            return None
+        # triton.cudagraphs is what mode="reduce-overhead" turns on; coordinate-descent tuning
+        # finds better launch parameters for the matrix-vector kernels of decode.
+        return {"triton.cudagraphs": cudagraphs, "coordinate_descent_tuning": self.device.type == "cuda"}
 
     @property
     def device(self) -> torch.device:
@@ -65,8 +76,8 @@ class Steps:
         if fn is None:
             fn = functools.partial(self._decode_impl, plan=plan)
             if self.compile_decode:
-                mode = "reduce-overhead" if self.device.type == "cuda" else None
-                fn = torch.compile(fn, mode=mode, fullgraph=True)
+                fn = torch.compile(fn, fullgraph=True, backend=self.backend,
+                                   options=self._options(cudagraphs=self.device.type == "cuda"))
             self._decode_fns[plan] = fn
         return fn
 
@@ -86,9 +97,10 @@ class Steps:
             raise ValueError(f"prompt ends at position {end}, past the context length "
                              f"{self.cache.max_seq_len}; shorten it or raise --max-seq-len")
         padded = padded_length(length, self.cache.max_seq_len - start_pos)
-        if padded > length:
-            # Padding goes into cache slots past the prompt; they are masked until overwritten.
-            tokens = torch.nn.functional.pad(tokens, (0, padded - length))
+        # Padding goes into cache slots past the prompt; they are masked until overwritten. The
+        # pad (even by 0) also makes `tokens` an inference tensor like every other input here, so
+        # compiled graphs see one kind of tensor and never recompile over it.
+        tokens = torch.nn.functional.pad(tokens, (0, padded - length))
         input_pos = torch.arange(start_pos, start_pos + padded, device=tokens.device).expand(batch, -1)
         logit_index = torch.full((batch,), length - 1, device=tokens.device)
         if self.compile_prefill:
@@ -112,6 +124,7 @@ class Steps:
         if self.compile_decode and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         fn = self._decode_fn(plan)
+        token, input_pos = token.clone(), input_pos.clone()  # inference tensors (see prefill)
         if self.compile_decode:
             next_token, logits = fn(token, input_pos, settings, seen)
         else:
