@@ -51,6 +51,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                      ) -> torch.Tensor:
+    """Masked attention for grouped-query heads without copying the cache.
+
+    The query heads that share a kv head are folded into the query-length axis, so each kv head
+    is read once (expanding k/v to every query head would copy the whole cache each step).
+
+    Args:
+        q: [B, H, T, D]; k, v: [B, KVH, S, D] with H a multiple of KVH.
+        mask: [B, 1, T, S] bool, True where a query may attend.
+    Returns:
+        [B, H, T, D].
+    """
+    batch, n_heads, seq, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    group = n_heads // n_kv_heads
+    if group > 1:
+        q = q.reshape(batch, n_kv_heads, group * seq, head_dim)  # rows ordered (head in group, t)
+        mask = mask.expand(batch, group, seq, mask.shape[-1]).reshape(batch, 1, group * seq, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.view(batch, n_heads, seq, head_dim)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -83,15 +106,14 @@ class Attention(nn.Module):
             if kv_limit is not None:  # attend over the filled slots only
                 k, v = k[:, :, :kv_limit], v[:, :, :kv_limit]
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv_heads != self.n_heads:
-            # Expand kv heads for grouped-query attention (works on every SDPA backend).
-            repeat = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
         if mask is None:
+            if self.n_kv_heads != self.n_heads:
+                repeat = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(repeat, dim=1)
+                v = v.repeat_interleave(repeat, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = grouped_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 
