@@ -11,6 +11,7 @@ import os
 import sys
 
 from tachylm import engine as api
+from tachylm.cli_bench import add_bench_parser
 
 CACHE_ENV = "TACHYLM_CACHE"
 
@@ -149,11 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list model aliases")
     p.set_defaults(func=cmd_models)
+
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["tachylm"] + list(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except KeyboardInterrupt:
