@@ -88,7 +88,8 @@ class BenchOptions:
     Attributes:
         shape: a key of SHAPES (random weights), or None with `model`.
         model: a model reference (alias, path, hub id) to load real weights instead.
-        compile: compile prefill and decode; None = on CUDA only.
+        compile: compile the decode step; None = on CUDA only.
+        compile_prefill: also compile prefill (dynamic length) for the prefill runs.
         compile_backend: torch.compile backend for Steps ("eager" makes CPU tests fast).
         batches: one decode run (and one long-context run) per batch size.
         prefill: prompt lengths for batch-1 prefill runs (empty = none).
@@ -105,6 +106,7 @@ class BenchOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool | None = None
+    compile_prefill: bool = False
     compile_backend: str = "inductor"
     batches: tuple[int, ...] = (1,)
     prompt_len: int = 5
@@ -348,7 +350,7 @@ def _decode_run(model, batch, context, compiled, params, tolerance, options, rep
     dtype = next(model.parameters()).dtype
     cache = KVCache(config.n_layers, batch, _cache_length(context + prompt_len + new_tokens, config),
                     config.n_kv_heads, config.head_dim, device=model.rope_cos.device, dtype=dtype)
-    steps = Steps(model, cache, compile_decode=compiled, compile_prefill=compiled,
+    steps = Steps(model, cache, compile_decode=compiled,
                   backend=options.compile_backend)
     prompts = _random_ids(config, batch, prompt_len, options.seed, cache.k.device)
     settings = to_tensors([params] * batch, cache.k.device)
@@ -392,7 +394,8 @@ def _prefill_run(model, length, compiled, tolerance, options) -> dict:
     dtype = next(model.parameters()).dtype
     cache = KVCache(config.n_layers, 1, _cache_length(length, config), config.n_kv_heads, config.head_dim,
                     device=model.rope_cos.device, dtype=dtype)
-    steps = Steps(model, cache, compile_prefill=compiled, backend=options.compile_backend)
+    steps = Steps(model, cache, compile_prefill=compiled and options.compile_prefill,
+                  backend=options.compile_backend)
     prompt = _random_ids(config, 1, length, options.seed, cache.k.device)
 
     def once() -> float:  # time to first token: prefill, greedy pick, token on the host

@@ -45,7 +45,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), "
                                                    "float32, bfloat16, float16")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile prefill and decode (default: on CUDA only)")
+                   help="compile the decode step (default: on CUDA only)")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="also compile prefill (dynamic length) in the prefill runs")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (default inductor; eager/aot_eager only to test the bench)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
@@ -86,7 +88,7 @@ def cmd_bench(args) -> int:
     options = bench.BenchOptions(
         shape=args.shape if args.shape or args.model else DEFAULT_SHAPE, model=args.model,
         model_cache_dir=os.environ.get(MODEL_CACHE_ENV), device=args.device, dtype=args.dtype,
-        compile=args.compile, compile_backend=args.compile_backend, batches=args.batch,
+        compile=args.compile, compile_prefill=args.compile_prefill, compile_backend=args.compile_backend, batches=args.batch,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, prefill=args.prefill, context=args.context,
         repeats=args.repeats, temperature=args.temperature, top_k=args.top_k, baseline=args.baseline,
         check=args.check, check_tolerance=args.check_tol, seed=args.seed, command=command)
