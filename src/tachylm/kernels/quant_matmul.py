@@ -1,0 +1,909 @@
+"""Weight-only quantized linear layers: int8, fp8 (e4m3) and group-wise int4 weights.
+
+This file owns the numerics of `y = x @ w.T + bias` for the three quantized weight layouts of
+`tachylm.quant`, in three forms:
+
+* references (`*_linear_ref`): dequantize in float32, then `F.linear` in x's dtype. They are the
+  CPU path and the oracle every kernel is tested against.
+* Triton kernels for the memory-bound decode regime (few rows of x). Batch-1 decode reads every
+  weight once per token, so these kernels are written for bandwidth: 16-byte weight loads
+  software-pipelined through shared memory (`tl.range(num_stages=...)`), integer-to-float
+  conversion by exponent tricks in inline PTX instead of the slow conversion unit, and no
+  dequantized copy of the weight ever written to memory.
+* the dispatchers (`int8_linear`, `fp8_linear`, `int4_linear`): Triton on CUDA, references
+  elsewhere.
+
+Canonical layouts (the kernels read them as they are; there is no repacking step):
+
+    int8  qweight int8 [N, K]; scale float [N]             w = q * scale[n]
+    fp8   qweight float8_e4m3fn [N, K]; scale float [N]    w = float(q) * scale[n]
+    int4  qweight uint8 [N, K/2], low nibble = even k, high nibble = odd k;
+          scale, zero float [N, K/G]                       w = (q - zero[n, k/G]) * scale[n, k/G]
+
+Kernels on CUDA, by the number of rows M of x (leading dimensions of x flattened):
+
+    M == 1, int8/fp8  `_qgemv_m1_kernel`, CUDA cores: each program owns BLOCK_N output rows, walks
+                      K in BLOCK_K tiles accumulating a [BLOCK_N, BLOCK_K] float32 tile, reduces it
+                      once at the end and applies the row scale.
+    M <= 16, and      `_qgemv_dot_kernel`, tensor cores on the swapped product out^T = W @ x^T (the
+    every int4 M      weight tile is the large operand; x is padded to a power of two >= 1 rows).
+                      A K tile is K_SLICES slices multiplied as one batched `tl.dot`, the warps
+                      splitting the slices, so a program of few rows keeps all its warps busy.
+                      int4 slices are single groups: the nibbles unpack straight into 16-bit MMA
+                      operands, and each group's scale and zero point apply to the MMA result.
+    M > 16            `_dequant_kernel` writes the weight in x's dtype, then `F.linear` (cuBLAS): at
+                      prefill sizes the matrix product dominates and the extra pass is cheap.
+
+Both GEMV kernels can split K across programs (SPLIT_K, chosen per shape so the grid covers every
+SM twice): each program stores a float32 partial, and the last program of a row block to arrive
+(counted with an atomic on a self-resetting counter) sums the partials in a fixed order, adds the
+bias and writes the output. One launch, deterministic results, no memset.
+
+int4 arithmetic: the bits 0x4300 | q are the bfloat16 128 + q (0x6400 | q the float16 1024 + q),
+exact, so the MMA on them gives sum((128 + q) * x) per group; with sum(x) over the same group,
+scale * (sum((128 + q) * x) - (zero + 128) * sum(x)) is the group's share. The zero point costs
+one multiply per group and output, not one per weight.
+
+All three dispatchers work under `torch.compile(fullgraph=True)` and CUDA graphs: the CUDA path
+is a `torch.library.custom_op` with a fake (shape) implementation, so the compiler never traces
+the Triton launch code. Autotuning runs at the first call of each shape (a few seconds per shape,
+weights read from DRAM: see `_tuning_bench`); make that call (a warm-up) before capturing a CUDA
+graph, as `torch.compile(mode="reduce-overhead")` does by itself.
+"""
+
+import contextlib
+import functools
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the references serve every call
+    triton = None
+
+HAS_TRITON = triton is not None
+
+INT8, FP8, INT4 = 0, 1, 2
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+GEMV_MAX_M = 16  # rows of x up to which the Triton GEMV kernels beat dequantize + cuBLAS
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# Inline PTX for the integer -> float conversions (see the kernels below). Operands follow Triton's
+# packing for `inline_asm_elementwise(pack=4)`: an 8-bit input register holds elements 0..3 in
+# bytes 0..3; a 16-bit result is two registers (elements 0, 1 in the low/high half of the first);
+# a float32 result is four registers; a second result follows the first. PRMT selector nibbles
+# pick bytes from {b, a} (a = bytes 0..3, b = bytes 4..7). tests/test_kernels.py emulates these
+# sequences on every byte value against the plain Triton forms.
+_PTX_INT8_TO_F32 = """{
+    .reg .b32 r;
+    xor.b32 r, $4, 0x80808080;
+    prmt.b32 $0, r, 0x4B000000, 0x7650;
+    prmt.b32 $1, r, 0x4B000000, 0x7651;
+    prmt.b32 $2, r, 0x4B000000, 0x7652;
+    prmt.b32 $3, r, 0x4B000000, 0x7653;
+    sub.f32 $0, $0, 0f4B000080;
+    sub.f32 $1, $1, 0f4B000080;
+    sub.f32 $2, $2, 0f4B000080;
+    sub.f32 $3, $3, 0f4B000080;
+}"""
+_PTX_INT8_TO_BF16 = """{
+    .reg .b32 r, t0, t1, t2, t3;
+    xor.b32 r, $2, 0x80808080;
+    prmt.b32 t0, r, 0x4B000000, 0x7650;
+    prmt.b32 t1, r, 0x4B000000, 0x7651;
+    prmt.b32 t2, r, 0x4B000000, 0x7652;
+    prmt.b32 t3, r, 0x4B000000, 0x7653;
+    sub.f32 t0, t0, 0f4B000080;
+    sub.f32 t1, t1, 0f4B000080;
+    sub.f32 t2, t2, 0f4B000080;
+    sub.f32 t3, t3, 0f4B000080;
+    cvt.rn.bf16x2.f32 $0, t1, t0;
+    cvt.rn.bf16x2.f32 $1, t3, t2;
+}"""
+_PTX_INT8_TO_F16 = """{
+    .reg .b32 r, t0, t1, c;
+    xor.b32 r, $2, 0x80808080;
+    mov.b32 c, 0x64806480;
+    prmt.b32 t0, r, 0x64646464, 0x5140;
+    prmt.b32 t1, r, 0x64646464, 0x7362;
+    sub.f16x2 $0, t0, c;
+    sub.f16x2 $1, t1, c;
+}"""
+_PTX_NIBBLES_TO_BF16 = """{
+    .reg .b32 s;
+    prmt.b32 $0, $4, 0x43434343, 0x5140;
+    prmt.b32 $1, $4, 0x43434343, 0x7362;
+    shr.b32 s, $4, 4;
+    prmt.b32 $2, s, 0x43434343, 0x5140;
+    prmt.b32 $3, s, 0x43434343, 0x7362;
+    and.b32 $0, $0, 0xFF0FFF0F;
+    and.b32 $1, $1, 0xFF0FFF0F;
+    and.b32 $2, $2, 0xFF0FFF0F;
+    and.b32 $3, $3, 0xFF0FFF0F;
+}"""
+_PTX_NIBBLES_TO_F16 = """{
+    .reg .b32 s;
+    prmt.b32 $0, $4, 0x64646464, 0x5140;
+    prmt.b32 $1, $4, 0x64646464, 0x7362;
+    shr.b32 s, $4, 4;
+    prmt.b32 $2, s, 0x64646464, 0x5140;
+    prmt.b32 $3, s, 0x64646464, 0x7362;
+    and.b32 $0, $0, 0xFF0FFF0F;
+    and.b32 $1, $1, 0xFF0FFF0F;
+    and.b32 $2, $2, 0xFF0FFF0F;
+    and.b32 $3, $3, 0xFF0FFF0F;
+}"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------
+
+def _check_common(name: str, x: torch.Tensor, qweight: torch.Tensor, bias: Optional[torch.Tensor],
+                  k_expected: int) -> None:
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{name}: x has dtype {x.dtype}; use one of {ACTIVATION_DTYPES}")
+    if x.dim() < 1 or x.shape[-1] != k_expected:
+        raise ValueError(f"{name}: x has shape {list(x.shape)} but the weight has K = {k_expected} "
+                         f"input features; x must be [..., {k_expected}]")
+    if x.device != qweight.device:
+        raise ValueError(f"{name}: x is on {x.device} but qweight on {qweight.device}; move them "
+                         "to one device")
+    n = qweight.shape[0]
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{name}: bias has shape {list(bias.shape)}, expected [{n}]")
+        if not bias.is_floating_point() or bias.device != qweight.device:
+            raise ValueError(f"{name}: bias must be a floating-point tensor on {qweight.device}, "
+                             f"got {bias.dtype} on {bias.device}")
+
+
+def _check_scale(name: str, what: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: {what} has shape {list(t.shape)}, expected {list(shape)}")
+    if t.dtype not in SCALE_DTYPES:
+        raise ValueError(f"{name}: {what} has dtype {t.dtype}; use one of {SCALE_DTYPES}")
+    if t.device != device:
+        raise ValueError(f"{name}: {what} is on {t.device} but qweight on {device}")
+
+
+def _check_rowwise(name: str, want: torch.dtype, x, qweight, scale, bias) -> None:
+    if qweight.dtype != want or qweight.dim() != 2:
+        raise ValueError(f"{name}: qweight must be a 2-D {want} tensor [N, K], got "
+                         f"{qweight.dtype} of shape {list(qweight.shape)}")
+    _check_common(name, x, qweight, bias, qweight.shape[1])
+    _check_scale(name, "scale", scale, (qweight.shape[0],), qweight.device)
+
+
+def _check_int4(x, qweight, scale, zero, group_size, bias) -> None:
+    name = "int4_linear"
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"{name}: qweight must be a 2-D uint8 tensor [N, K/2] (two 4-bit values "
+                         f"per byte), got {qweight.dtype} of shape {list(qweight.shape)}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"{name}: group_size {group_size} is not supported; use one of "
+                         f"{INT4_GROUP_SIZES}")
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if k % group_size:
+        raise ValueError(f"{name}: K = {k} (2 * qweight.shape[1]) is not a multiple of "
+                         f"group_size {group_size}")
+    _check_common(name, x, qweight, bias, k)
+    _check_scale(name, "scale", scale, (n, k // group_size), qweight.device)
+    _check_scale(name, "zero", zero, (n, k // group_size), qweight.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# References (CPU path and test oracle)
+# ----------------------------------------------------------------------------------------------
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] weight and float [N] scale -> float32 [N, K]."""
+    return qweight.to(torch.float32) * scale.to(torch.float32)[:, None]
+
+
+def dequantize_fp8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [N, K] weight and float [N] scale -> float32 [N, K]."""
+    return qweight.to(torch.float32) * scale.to(torch.float32)[:, None]
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] (low nibble = even k) -> uint8 codes [N, K] in 0..15."""
+    low = qweight & 0x0F
+    high = qweight >> 4
+    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
+
+
+def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    """Packed int4 [N, K/2] with scale/zero [N, K/G] -> float32 [N, K]."""
+    codes = unpack_int4(qweight).to(torch.float32)
+    n, k = codes.shape
+    groups = codes.reshape(n, k // group_size, group_size)
+    w = (groups - zero.to(torch.float32)[..., None]) * scale.to(torch.float32)[..., None]
+    return w.reshape(n, k)
+
+
+def _linear_in_dtype(x: torch.Tensor, w: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # The matrix product runs in x's dtype (float32 accumulation inside the BLAS for 16-bit types).
+    b = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, w.to(x.dtype), b)
+
+
+def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference y = x @ (qweight * scale[:, None]).T + bias in pure PyTorch.
+
+    Args:
+        x: [..., K] float32 / bfloat16 / float16.
+        qweight: int8 [N, K].
+        scale: float32 / bfloat16 / float16 [N].
+        bias: optional [N].
+    Returns:
+        [..., N] in x's dtype.
+    """
+    _check_rowwise("int8_linear", torch.int8, x, qweight, scale, bias)
+    return _linear_in_dtype(x, dequantize_int8(qweight, scale), bias)
+
+
+def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference y = x @ (float(qweight) * scale[:, None]).T + bias; qweight float8_e4m3fn [N, K].
+
+    Arguments and result as `int8_linear_ref`.
+    """
+    _check_rowwise("fp8_linear", torch.float8_e4m3fn, x, qweight, scale, bias)
+    return _linear_in_dtype(x, dequantize_fp8(qweight, scale), bias)
+
+
+def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference y = x @ w.T + bias with w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
+
+    Args:
+        x: [..., K] float32 / bfloat16 / float16.
+        qweight: uint8 [N, K/2], two 4-bit codes per byte, the low nibble holding the even k.
+        scale, zero: float [N, K/G]; zero is a float (it need not be an integer).
+        group_size: G, one of INT4_GROUP_SIZES.
+        bias: optional [N].
+    Returns:
+        [..., N] in x's dtype.
+    """
+    _check_int4(x, qweight, scale, zero, group_size, bias)
+    return _linear_in_dtype(x, dequantize_int4(qweight, scale, zero, group_size), bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    # Integer -> float conversions. Both forms write the integer into the low mantissa bits of a
+    # float with a fixed exponent, which is exact and costs integer-pipe operations instead of the
+    # conversion unit (16 results per clock per SM on Hopper, too slow to keep up with the memory).
+    # The FAST forms are the PTX above, four bytes per sequence (one PRMT places a byte under the
+    # exponent byte); the plain forms are the same arithmetic in Triton ops, used by the
+    # interpreter (it has no inline assembly) and the definition the PTX must match.
+    _ASM_INT8_TO_F32 = tl.constexpr(_PTX_INT8_TO_F32)
+    _ASM_INT8_TO_BF16 = tl.constexpr(_PTX_INT8_TO_BF16)
+    _ASM_INT8_TO_F16 = tl.constexpr(_PTX_INT8_TO_F16)
+    _ASM_NIBBLES_TO_BF16 = tl.constexpr(_PTX_NIBBLES_TO_BF16)
+    _ASM_NIBBLES_TO_F16 = tl.constexpr(_PTX_NIBBLES_TO_F16)
+
+    @triton.jit
+    def _int8_to_f32(w, FAST: tl.constexpr):
+        """int8 bits loaded as uint8 -> float32: (w ^ 0x80) = q + 128 under 2**23's exponent."""
+        if FAST:
+            return tl.inline_asm_elementwise(_ASM_INT8_TO_F32, "=r,=r,=r,=r,r", [w], tl.float32,
+                                             is_pure=True, pack=4)
+        else:
+            bits = (w.to(tl.int32) ^ 0x80) | 0x4B000000
+            return bits.to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _int8_to_16bit(w, DTYPE: tl.constexpr, FAST: tl.constexpr):
+        """int8 bits loaded as uint8 -> DTYPE (bfloat16 or float16), exactly."""
+        if FAST:
+            if DTYPE == tl.bfloat16:
+                return tl.inline_asm_elementwise(_ASM_INT8_TO_BF16, "=r,=r,r", [w], tl.bfloat16,
+                                                 is_pure=True, pack=4)
+            else:
+                # float16 has an 11-bit significand: 0x6400 | u is 1024 + u, exact for u < 1024.
+                return tl.inline_asm_elementwise(_ASM_INT8_TO_F16, "=r,=r,r", [w], tl.float16,
+                                                 is_pure=True, pack=4)
+        else:
+            return _int8_to_f32(w, False).to(DTYPE)
+
+    @triton.jit
+    def _nibbles_to_16bit(b, DTYPE: tl.constexpr, FAST: tl.constexpr):
+        """uint8 [.., n] -> (low, high) nibbles as DTYPE, each holding OFFSET + q exactly.
+
+        The bits 0x4300 | q are the bfloat16 128 + q; 0x6400 | q the float16 1024 + q.
+        """
+        if FAST:
+            if DTYPE == tl.bfloat16:
+                return tl.inline_asm_elementwise(_ASM_NIBBLES_TO_BF16, "=r,=r,=r,=r,r", [b],
+                                                 (tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                return tl.inline_asm_elementwise(_ASM_NIBBLES_TO_F16, "=r,=r,=r,=r,r", [b],
+                                                 (tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            MAGIC: tl.constexpr = 0x4300 if DTYPE == tl.bfloat16 else 0x6400
+            b = b.to(tl.int16)
+            low = ((b & 0xF) | MAGIC).to(DTYPE, bitcast=True)
+            high = ((b >> 4) | MAGIC).to(DTYPE, bitcast=True)
+            return low, high
+
+    @triton.jit
+    def _nibble_to_f32(q):
+        # q: int32 in 0..15 -> float32, exactly (2**23 + q - 2**23).
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _rowwise_to_f32(w, SCHEME: tl.constexpr, FAST: tl.constexpr):
+        if SCHEME == 0:
+            return _int8_to_f32(w, FAST)
+        else:
+            return w.to(tl.float32)  # fp8: hardware e4m3x2 -> f16x2, then f16 -> f32
+
+    @triton.jit
+    def _rowwise_to_16bit(w, SCHEME: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr):
+        if SCHEME == 0:
+            return _int8_to_16bit(w, DTYPE, FAST)
+        else:
+            # Through float32: fp8 -> f16x2 (packed) -> f32 -> bf16x2 (packed) avoids the slow
+            # scalar f16 -> bf16 conversion the direct cast compiles to.
+            return w.to(tl.float32).to(DTYPE)
+
+    @triton.jit
+    def _write_out(acc, offs_n, offs_m, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr):
+        # acc: [BLOCK_N, BLOCK_M] float32 = out^T for this program's rows.
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            acc = acc + bias[:, None]
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _finish(acc, offs_n, offs_m, M, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Write acc ([BLOCK_N, BLOCK_M] float32, scaled) or, under split-K, reduce the partials."""
+        if SPLIT_K == 1:
+            _write_out(acc, offs_n, offs_m, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+        else:
+            mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+            idx = offs_m[None, :] * N + offs_n[:, None]  # into a [M, N] float32 partial
+            tl.store(ws_ptr + pid_k * M * N + idx, acc, mask=mask)
+            # Every thread's partial is stored before one thread publishes the arrival (release);
+            # the last program's acquire orders its reads of the other partials after theirs.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
+                    total += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                _write_out(total, offs_n, offs_m, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+                # Ready for the next launch.
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        # Each split owns whole BLOCK_K tiles, so only the tile that crosses K is ragged.
+        if SPLIT_K == 1:
+            return 0, K
+        else:
+            per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+            k_start = pid_k * per_split
+            return k_start, tl.minimum(K, k_start + per_split)
+
+    @triton.jit
+    def _qgemv_m1_kernel(
+        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        N, K, stride_wn,
+        SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ):
+        """out[0, n] = scale[n] * sum_k x[0, k] * q[n, k] for one row of x and int8/fp8 weights.
+
+        CUDA-core multiply-adds into a [BLOCK_N, BLOCK_K] float32 tile, reduced once at the end.
+        Grid (cdiv(N, BLOCK_N), SPLIT_K). Rows past N are clamped to N - 1 (read, never written)
+        so the weight loads carry no row mask; with EVEN_K they carry no mask at all.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(offs_n, N - 1)
+        k_start, k_end = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
+        offs_k = tl.arange(0, BLOCK_K)
+        # 64-bit row offsets: N * K may pass 2**31 (a 128k-vocab head at K = 16384).
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            if EVEN_K:
+                wf = _rowwise_to_f32(tl.load(w_ptrs + k0), SCHEME, FAST)
+                x = tl.load(x_ptr + k0 + offs_k)
+            else:
+                # No `other` for the weight (fp8 has no literal zero to fill with); the ragged
+                # columns are zeroed after conversion (an fp8 NaN pattern times 0 is NaN).
+                k_ok = (k0 + offs_k) < K
+                wf = _rowwise_to_f32(tl.load(w_ptrs + k0, mask=k_ok[None, :]), SCHEME, FAST)
+                wf = tl.where(k_ok[None, :], wf, 0.0)
+                x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
+            acc_t += wf * x.to(tl.float32)[None, :]
+        acc = tl.sum(acc_t, axis=1) * tl.load(s_ptr + rows).to(tl.float32)
+        offs_m = tl.arange(0, 1)
+        _finish(acc[:, None], offs_n, offs_m, 1, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                N, HAS_BIAS, SPLIT_K)
+
+    @triton.jit
+    def _qgemv_dot_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+        SCHEME: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, K_SLICES: tl.constexpr,
+        STAGES: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ):
+        """out^T[n, m] = sum_k w[n, k] * x[m, k] for a few rows of x, on tensor cores.
+
+        Grid (cdiv(N, BLOCK_N), SPLIT_K). A K tile of K_SLICES * SUB_K is multiplied as a batch of
+        K_SLICES products [BLOCK_N, SUB_K] @ [SUB_K, BLOCK_M] (the warps split the batch), summed
+        once at the end. For int4 SUB_K == GROUP: each slice is one quantization group.
+        Rows of W past N and rows of x past M are clamped (read, never written).
+        """
+        BLOCK_K: tl.constexpr = SUB_K * K_SLICES
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(offs_n, N - 1)
+        offs_m = tl.arange(0, BLOCK_M)
+        x_rows = tl.minimum(offs_m, M - 1)
+        offs_s = tl.arange(0, K_SLICES)
+        k_start, k_end = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
+        acc3 = tl.zeros((K_SLICES, BLOCK_N, BLOCK_M), tl.float32)
+        if SCHEME == 2:
+            HALF: tl.constexpr = GROUP // 2
+            OFFSET: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
+            offs_j = tl.arange(0, HALF)
+            offs_k = tl.arange(0, GROUP)
+            byte_off = offs_s[:, None] * HALF + offs_j[None, :]  # [K_SLICES, HALF] bytes in a tile
+            w_ptrs = w_ptr + rows.to(tl.int64)[None, :, None] * stride_wn + byte_off[:, None, :]
+            kk = offs_s[:, None] * GROUP + offs_k[None, :]  # [K_SLICES, GROUP] k in a tile
+            # x^T tile [K_SLICES, GROUP, BLOCK_M]
+            x_ptrs = x_ptr + x_rows[None, None, :] * stride_xm + kk[:, :, None]
+            g_ptrs = rows[None, :] * stride_sn + offs_s[:, None]  # [K_SLICES, BLOCK_N]
+            for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+                g0 = k0 // GROUP
+                if EVEN_K:
+                    b = tl.load(w_ptrs + k0 // 2)
+                    xt = tl.load(x_ptrs + k0)
+                    s = tl.load(s_ptr + g_ptrs + g0)
+                    z = tl.load(z_ptr + g_ptrs + g0)
+                else:
+                    s_ok = (k0 + offs_s * GROUP) < K  # whole groups: K is a multiple of GROUP
+                    b = tl.load(w_ptrs + k0 // 2, mask=s_ok[:, None, None], other=0)
+                    xt = tl.load(x_ptrs + k0, mask=s_ok[:, None, None], other=0.0)
+                    s = tl.load(s_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
+                    z = tl.load(z_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
+                low, high = _nibbles_to_16bit(b, DTYPE, FAST)  # OFFSET + q, even and odd k
+                wt = tl.reshape(tl.join(low, high), (K_SLICES, BLOCK_N, GROUP))  # k order restored
+                d = tl.dot(wt, xt)  # [K_SLICES, BLOCK_N, BLOCK_M]: sum((OFFSET + q) * x) per group
+                # [K_SLICES, BLOCK_M]: sum(x) per group. On CUDA cores from the same shared-memory
+                # copy of x: a second MMA would want x in another layout, and two layouts stop
+                # Triton from pipelining the x loads.
+                x_sum = tl.sum(xt.to(tl.float32), axis=1)
+                zo = z.to(tl.float32) + OFFSET
+                acc3 += s.to(tl.float32)[:, :, None] * (d - zo[:, :, None] * x_sum[:, None, :])
+            acc = tl.sum(acc3, axis=0)
+        else:
+            offs_k = tl.arange(0, SUB_K)
+            kk = offs_s[:, None] * SUB_K + offs_k[None, :]  # [K_SLICES, SUB_K] offsets in a tile
+            # W tile [K_SLICES, BLOCK_N, SUB_K], x^T tile [K_SLICES, SUB_K, BLOCK_M]
+            w_ptrs = w_ptr + rows.to(tl.int64)[None, :, None] * stride_wn + kk[:, None, :]
+            x_ptrs = x_ptr + x_rows[None, None, :] * stride_xm + kk[:, :, None]
+            for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+                if EVEN_K:
+                    wt = _rowwise_to_16bit(tl.load(w_ptrs + k0), SCHEME, DTYPE, FAST)
+                    xt = tl.load(x_ptrs + k0)
+                else:
+                    k_ok = (k0 + kk) < K
+                    w = tl.load(w_ptrs + k0, mask=k_ok[:, None, :])
+                    wt = _rowwise_to_16bit(w, SCHEME, DTYPE, FAST)
+                    wt = tl.where(k_ok[:, None, :], wt, 0.0)
+                    xt = tl.load(x_ptrs + k0, mask=k_ok[:, :, None], other=0.0)
+                acc3 = tl.dot(wt, xt, acc3)
+            acc = tl.sum(acc3, axis=0) * tl.load(s_ptr + rows).to(tl.float32)[:, None]
+        _finish(acc, offs_n, offs_m, M, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                HAS_BIAS, SPLIT_K)
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
+                        SCHEME: tl.constexpr, GROUP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[n, k] = dequantized w[n, k] in out's dtype; grid (N / BLOCK_N, K / BLOCK_K)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        n_ok = offs_n < N
+        rows = offs_n.to(tl.int64)  # N * K may pass 2**31
+        if SCHEME == 2:
+            HALF: tl.constexpr = BLOCK_K // 2
+            NGB: tl.constexpr = BLOCK_K // GROUP
+            offs_h = tl.arange(0, HALF)
+            offs_g = tl.arange(0, NGB)
+            b = tl.load(w_ptr + rows[:, None] * stride_wn + k0 // 2 + offs_h[None, :],
+                        mask=n_ok[:, None] & ((k0 // 2 + offs_h[None, :]) < K // 2), other=0)
+            b = b.to(tl.int32)
+            q = tl.join(_nibble_to_f32(b & 0xF), _nibble_to_f32(b >> 4))  # [BLOCK_N, HALF, 2]
+            q = tl.reshape(q, (BLOCK_N, NGB, GROUP))
+            g_ptrs = offs_n[:, None] * stride_sn + k0 // GROUP + offs_g[None, :]
+            g_ok = n_ok[:, None] & ((k0 // GROUP + offs_g[None, :]) < K // GROUP)
+            s = tl.load(s_ptr + g_ptrs, mask=g_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_ptrs, mask=g_ok, other=0.0).to(tl.float32)
+            w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            ok = n_ok[:, None] & ((k0 + offs_k[None, :]) < K)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + k0 + offs_k[None, :], mask=ok)
+            s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            w = _rowwise_to_f32(w, SCHEME, False) * s[:, None]  # masked lanes are never stored
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & (offs_k[None, :] < K))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations and autotuning
+# ----------------------------------------------------------------------------------------------
+
+# Launch configurations, few on purpose: every one is compiled (about a second each) and timed at
+# the first call of each shape. Tiles of 4-16 KB per pipeline stage keep 16-48 KB of weights in
+# flight per SM, about what an H100 needs to cover DRAM latency at full bandwidth.
+#
+# (BLOCK_N, BLOCK_K, num_warps, STAGES) for int8/fp8 with M == 1. BLOCK_N * BLOCK_K / threads <= 64
+# keeps the float32 tile in registers.
+_M1_CONFIGS = ((16, 512, 4, 3), (8, 512, 4, 4), (16, 1024, 8, 3), (32, 256, 4, 4), (4, 1024, 4, 4))
+# (BLOCK_N, SUB_K, K_SLICES, num_warps, STAGES) for the tensor-core kernel, int8/fp8. Triton puts
+# the warps of a batched dot on the batch axis, so K_SLICES >= num_warps (fewer slices than warps
+# would repeat work).
+_DOT_ROWWISE_CONFIGS = ((16, 128, 4, 4, 4), (32, 128, 4, 4, 3), (64, 64, 4, 4, 3),
+                        (16, 128, 8, 8, 3))
+# (BLOCK_N, bytes per row per tile, num_warps, STAGES) for int4. SUB_K is the group size and
+# K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
+_DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3))
+_MAX_SPLIT_K = 8
+_SPLIT_TILES_MIN = 2  # never split K into pieces of fewer BLOCK_K tiles than this
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: splitting buys nothing on the CPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _choose_split_k(n_blocks: int, k_tiles: int, sms: int) -> int:
+    """Smallest power of two giving >= 2 programs per SM, each keeping >= 2 K tiles."""
+    split = 1
+    while (n_blocks * split < 2 * sms and split < _MAX_SPLIT_K
+           and k_tiles >= 2 * split * _SPLIT_TILES_MIN):
+        split *= 2
+    return split
+
+
+def _block_k(kwargs: dict) -> int:
+    return kwargs["BLOCK_K"] if "BLOCK_K" in kwargs else kwargs["SUB_K"] * kwargs["K_SLICES"]
+
+
+def _with_split(configs, n: int, k: int, sms: int) -> list:
+    out = []
+    for c in configs:
+        kw = dict(c.kwargs)
+        kw["SPLIT_K"] = _choose_split_k(_cdiv(n, kw["BLOCK_N"]), _cdiv(k, _block_k(kw)), sms)
+        out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    x = named_args["x_ptr"]
+    return _with_split(configs, named_args["N"], named_args["K"], _sm_count(x.device))
+
+
+_TUNING_REPS = 20
+_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def _tuning_bench(fn, quantiles):
+    """Time one autotuning candidate: quantiles of _TUNING_REPS runs, each from an emptied L2.
+
+    L2 (50 MB on an H100) is emptied by *reading* a 256 MB buffer, so it is left holding clean
+    lines; triton.testing.do_bench zeroes its buffer instead, and the dirty lines it leaves are
+    written back during the timed kernel, penalizing exactly the small, fast kernels tuned here.
+    """
+    flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(_TUNING_REPS)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(_TUNING_REPS)]
+    for start, end in zip(starts, ends):
+        flush.sum()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return [float(torch.quantile(times, q)) for q in quantiles]
+
+
+def _autotune_kwargs() -> dict:
+    params = inspect.signature(triton.autotune).parameters
+    if "do_bench" in params:
+        return {"do_bench": _tuning_bench}
+    return {"warmup": 5, "rep": 25}  # older Triton: its own do_bench
+
+
+def _make_configs(scheme: int, kind: str, group: int) -> list:
+    """The base launch configurations (SPLIT_K = 1) of one scheme and kernel kind."""
+    if kind == "m1":
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "SPLIT_K": 1},
+                              num_warps=nw, num_stages=st) for bn, bk, nw, st in _M1_CONFIGS]
+    if scheme == INT4:
+        table = [(bn, group, max(nw, 2 * row_bytes // group), nw, st)
+                 for bn, row_bytes, nw, st in _DOT_INT4_CONFIGS]
+    else:
+        table = _DOT_ROWWISE_CONFIGS
+    return [triton.Config({"BLOCK_N": bn, "SUB_K": sub, "K_SLICES": ks, "STAGES": st, "SPLIT_K": 1},
+                          num_warps=nw, num_stages=st) for bn, sub, ks, nw, st in table]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel(scheme: int, kind: str, group: int):
+    """The autotuned launcher for one scheme, kernel kind ("m1" or "dot") and int4 group size."""
+    base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
+    key = ["N", "K"] if kind == "m1" else ["N", "K", "BLOCK_M"]
+    with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
+    return triton.autotune(configs=_make_configs(scheme, kind, group), key=key,
+                           prune_configs_by={"early_config_prune": _prune},
+                           **_autotune_kwargs())(with_even_k)
+
+
+_SPLIT_COUNTERS: dict = {}
+_COUNTER_SLOTS = 4096
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """Per-device arrival counters for split-K; every launch leaves them at zero again."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None:
+        counters = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[device] = counters
+    return counters
+
+
+@functools.lru_cache(maxsize=None)
+def _split_needs(scheme: int, kind: str, group: int, n: int, k: int, sms: int) -> tuple:
+    """(largest SPLIT_K, most row blocks among split configs) the autotuner may pick for a shape."""
+    configs = _with_split(_make_configs(scheme, kind, group), n, k, sms)
+    max_split = max(c.kwargs["SPLIT_K"] for c in configs)
+    n_blocks = max((_cdiv(n, c.kwargs["BLOCK_N"]) for c in configs if c.kwargs["SPLIT_K"] > 1),
+                   default=0)
+    return max_split, n_blocks
+
+
+def _kernel_kind(scheme: int, m: int) -> str:
+    # int4 always takes the tensor cores: unpacking nibbles straight into 16-bit MMA operands is
+    # cheaper than converting them to float32 for CUDA-core multiply-adds, even for one row.
+    return "m1" if m == 1 and scheme != INT4 else "dot"
+
+
+def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+          zero: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor],
+          config: Optional[dict] = None, kind: Optional[str] = None) -> torch.Tensor:
+    """Launch a GEMV kernel on x [M, K] (M <= GEMV_MAX_M) and return out [M, N] in x's dtype.
+
+    Args:
+        config: None to autotune; else the meta-parameters of one launch, for tests and benchmarks:
+            "m1" kernel: BLOCK_N, BLOCK_K, STAGES, SPLIT_K, num_warps;
+            "dot" kernel: BLOCK_N, SUB_K (= group for int4), K_SLICES (>= num_warps), STAGES,
+            SPLIT_K, num_warps.
+        kind: "m1" or "dot" to override `_kernel_kind` (benchmarks; "m1" needs M == 1, not int4).
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    kind = kind or _kernel_kind(scheme, m)
+    if kind == "m1" and (m != 1 or scheme == INT4):
+        raise ValueError("the m1 kernel takes one row of x and int8 or fp8 weights")
+    if kind == "dot" and x.dtype == torch.float32:
+        raise ValueError("the tensor-core GEMV needs bfloat16 or float16 x")
+    w = qweight.view(torch.uint8) if scheme == INT8 else qweight  # int8 bits, read as bytes
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if config is None:
+        max_split, n_blocks = _split_needs(scheme, kind, group, n, k, _sm_count(x.device))
+    else:
+        max_split = config["SPLIT_K"]
+        n_blocks = _cdiv(n, config["BLOCK_N"]) if max_split > 1 else 0
+    if n_blocks > _COUNTER_SLOTS:
+        raise RuntimeError(f"split-K needs {n_blocks} counters, more than {_COUNTER_SLOTS}")
+    ws = torch.empty((max_split if max_split > 1 else 0, m, n), dtype=torch.float32,
+                     device=x.device)
+    counters = _split_counters(x.device)
+    bias_arg = out if bias is None else bias
+    # Inline PTX on the GPU; the interpreter (CPU tensors) runs the plain Triton forms.
+    fast = x.is_cuda
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    if kind == "m1":
+        args = (x, w, scale, bias_arg, out, ws, counters, n, k, qweight.stride(0))
+        common = dict(SCHEME=scheme, HAS_BIAS=bias is not None, FAST=fast)
+        if config is None:
+            _tuned_kernel(scheme, kind, group)[grid](*args, **common)
+        else:
+            meta = dict(config)
+            num_warps = meta.pop("num_warps", 4)
+            meta["EVEN_K"] = k % meta["BLOCK_K"] == 0
+            _qgemv_m1_kernel[grid](*args, **common, **meta, num_warps=num_warps,
+                                   num_stages=meta["STAGES"])
+    else:
+        args = (x, w, scale, scale if zero is None else zero, bias_arg, out, ws, counters, m, n, k,
+                x.stride(0), qweight.stride(0), scale.stride(0), out.stride(0))
+        common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
+                      BLOCK_M=triton.next_power_of_2(m))
+        if config is None:
+            _tuned_kernel(scheme, kind, group)[grid](*args, **common)
+        else:
+            meta = dict(config)
+            num_warps = meta.pop("num_warps", 4)
+            meta["EVEN_K"] = k % (meta["SUB_K"] * meta["K_SLICES"]) == 0
+            _qgemv_dot_kernel[grid](*args, **common, **meta, num_warps=num_warps,
+                                    num_stages=meta["STAGES"])
+    return out
+
+
+def dequantize_triton(scheme: int, qweight: torch.Tensor, scale: torch.Tensor,
+                      zero: Optional[torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize a weight into `dtype` [N, K] with one Triton kernel (one pass over the weight).
+
+    Args:
+        scheme: INT8, FP8 or INT4; qweight, scale, zero, group: that scheme's canonical tensors
+            (zero None and group 0 for the row-wise schemes).
+    """
+    n = qweight.shape[0]
+    k = 2 * qweight.shape[1] if scheme == INT4 else qweight.shape[1]
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    w = qweight.view(torch.uint8) if scheme == INT8 else qweight
+    block_n = 32
+    block_k = max(256, group) if scheme == INT4 else 256
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequant_kernel[grid](w, scale, scale if zero is None else zero, out, n, k, qweight.stride(0),
+                          scale.stride(0), SCHEME=scheme, GROUP=max(group, 1), BLOCK_N=block_n,
+                          BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   zero: Optional[torch.Tensor], group: int,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] -> [M, N]: GEMV kernels for few rows, dequantize + cuBLAS beyond GEMV_MAX_M."""
+    # Row views (a tensor-parallel shard along N) are read in place; anything else would need a
+    # copy of the weight on every call, so it is refused instead.
+    for name, t in (("qweight", qweight), ("scale", scale), ("zero", zero)):
+        if t is not None and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along its last dimension (got strides "
+                             f"{t.stride()}); make it contiguous once, when the weights are loaded")
+    if zero is not None and zero.stride() != scale.stride():
+        raise ValueError(f"zero (strides {zero.stride()}) and scale (strides {scale.stride()}) "
+                         "must share one layout; make both contiguous when the weights are loaded")
+    x = x.contiguous()
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty((0, qweight.shape[0]))
+    # Triton launches on the current device; CPU tensors mean the interpreter.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        # The tensor-core kernel multiplies in x's 16-bit dtype; float32 x takes cuBLAS instead.
+        if m <= GEMV_MAX_M and (x.dtype != torch.float32 or _kernel_kind(scheme, m) == "m1"):
+            return _gemv(scheme, x, qweight, scale, zero, group, bias)
+        w = dequantize_triton(scheme, qweight, scale, zero, group, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile) and the public dispatchers
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tachylm::int8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
+def _int8_linear_op(x, qweight, scale, bias):
+    return _triton_linear(INT8, x, qweight, scale, None, 0, bias)
+
+
+@torch.library.custom_op("tachylm::fp8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
+def _fp8_linear_op(x, qweight, scale, bias):
+    return _triton_linear(FP8, x, qweight, scale, None, 0, bias)
+
+
+@torch.library.custom_op(
+    "tachylm::int4_linear", mutates_args=(),
+    schema="(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size, Tensor? bias)"
+           " -> Tensor")
+def _int4_linear_op(x, qweight, scale, zero, group_size, bias):
+    return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias)
+
+
+@_int8_linear_op.register_fake
+def _int8_linear_fake(x, qweight, scale, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@_fp8_linear_op.register_fake
+def _fp8_linear_fake(x, qweight, scale, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@_int4_linear_op.register_fake
+def _int4_linear_fake(x, qweight, scale, zero, group_size, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return HAS_TRITON and x.is_cuda
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ (qweight * scale[:, None]).T + bias.
+
+    On CUDA (with Triton): the GEMV kernels for up to GEMV_MAX_M rows, dequantize + cuBLAS beyond.
+    Elsewhere: `int8_linear_ref`.
+
+    Args:
+        x: [..., K] float32 / bfloat16 / float16.
+        qweight: int8 [N, K].
+        scale: float32 / bfloat16 / float16 [N].
+        bias: optional [N].
+    Returns:
+        [..., N] in x's dtype.
+    """
+    if not _use_triton(x):
+        return int8_linear_ref(x, qweight, scale, bias)
+    _check_rowwise("int8_linear", torch.int8, x, qweight, scale, bias)
+    out = _int8_linear_op(x.reshape(-1, x.shape[-1]), qweight, scale, bias)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ (float(qweight) * scale[:, None]).T + bias with qweight float8_e4m3fn [N, K].
+
+    Dispatch, arguments and result as `int8_linear`.
+    """
+    if not _use_triton(x):
+        return fp8_linear_ref(x, qweight, scale, bias)
+    _check_rowwise("fp8_linear", torch.float8_e4m3fn, x, qweight, scale, bias)
+    out = _fp8_linear_op(x.reshape(-1, x.shape[-1]), qweight, scale, bias)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ w.T + bias with w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
+
+    Dispatch as `int8_linear`; arguments and result as `int4_linear_ref`.
+    """
+    if not _use_triton(x):
+        return int4_linear_ref(x, qweight, scale, zero, group_size, bias)
+    _check_int4(x, qweight, scale, zero, group_size, bias)
+    out = _int4_linear_op(x.reshape(-1, x.shape[-1]), qweight, scale, zero, group_size, bias)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,488 @@
+"""Quantized linear kernels: references against float64, Triton kernels under the interpreter.
+
+The references (the CPU path) are checked against a float64 dequantize + matmul. The Triton
+kernels run under Triton's CPU interpreter, which must be switched on before triton is imported,
+so they run in one child process (this file run as a script) and the tests read its results. The
+inline PTX the GPU uses instead of the plain conversions is checked by emulating it here on every
+byte value. CUDA-only tests (dispatch, torch.compile) run where a GPU is present.
+"""
+
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from tachylm.kernels import quant_matmul as qm
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random quantized weights and the float64 oracle
+# ----------------------------------------------------------------------------------------------
+
+def make_int8(n, k, gen):
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.02 + 0.002
+    return q, scale
+
+
+def make_fp8(n, k, gen):
+    w = torch.randn(n, k, generator=gen) * 100
+    q = w.clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, generator=gen) * 0.002 + 0.0002
+    return q, scale
+
+
+def make_int4(n, k, group, gen):
+    q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=gen) * 0.05 + 0.005
+    zero = torch.rand(n, k // group, generator=gen) * 15  # fractional zero points
+    return q, scale, zero
+
+
+def oracle(scheme, x, weights, group=0, bias=None):
+    """float64 y = x @ w.T + bias, w dequantized element by element without any shortcut."""
+    if scheme == "int4":
+        q, scale, zero = weights
+        codes = torch.empty(q.shape[0], 2 * q.shape[1], dtype=torch.float64)
+        codes[:, 0::2] = (q & 0xF).double()
+        codes[:, 1::2] = (q >> 4).double()
+        g = torch.arange(codes.shape[1]) // group
+        w = (codes - zero.double()[:, g]) * scale.double()[:, g]
+    else:
+        q, scale = weights
+        w = q.double() * scale.double()[:, None]
+    y = x.double() @ w.T
+    return y if bias is None else y + bias.double()
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# References (CPU path) and the dispatchers on CPU
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 53), (2, 3, 100)])
+def test_rowwise_references_match_float64(dtype, tol, shape):
+    gen = torch.Generator().manual_seed(0)
+    n, k = 37, shape[-1]
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    for scheme, make, ref, dispatch in (("int8", make_int8, qm.int8_linear_ref, qm.int8_linear),
+                                        ("fp8", make_fp8, qm.fp8_linear_ref, qm.fp8_linear)):
+        q, scale = make(n, k, gen)
+        want = oracle(scheme, x.reshape(-1, k), (q, scale), bias=bias).reshape(*shape[:-1], n)
+        got = ref(x, q, scale, bias)
+        assert got.shape == (*shape[:-1], n) and got.dtype == dtype
+        assert rel_err(got, want) < tol, scheme
+        assert torch.equal(dispatch(x, q, scale, bias), got)  # CPU dispatch is the reference
+        assert rel_err(ref(x, q, scale), oracle(scheme, x.reshape(-1, k), (q, scale)).reshape(
+            *shape[:-1], n)) < tol
+
+
+@pytest.mark.parametrize("group", qm.INT4_GROUP_SIZES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_int4_reference_matches_float64(group, dtype, tol):
+    gen = torch.Generator().manual_seed(1)
+    n, k = 29, 3 * group
+    x = torch.randn(2, 3, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen)
+    weights = make_int4(n, k, group, gen)
+    want = oracle("int4", x.reshape(-1, k), weights, group, bias).reshape(2, 3, n)
+    got = qm.int4_linear_ref(x, *weights, group, bias)
+    assert got.shape == (2, 3, n) and got.dtype == dtype
+    assert rel_err(got, want) < tol
+    assert torch.equal(qm.int4_linear(x, *weights, group, bias), got)
+
+
+def test_int4_low_nibble_is_the_even_k():
+    q = torch.tensor([[0x21, 0x43]], dtype=torch.uint8)
+    assert qm.unpack_int4(q).tolist() == [[1, 2, 3, 4]]
+    one = torch.ones(1, 32)
+    w = qm.dequantize_int4(torch.full((1, 16), 0xF0, dtype=torch.uint8), one[:, :1],
+                           0 * one[:, :1], 32)
+    assert w[0, 0::2].eq(0).all() and w[0, 1::2].eq(15).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64)
+    q8, s8 = make_int8(8, 64, gen)
+    q4, s4, z4 = make_int4(8, 64, 32, gen)
+    cases = [
+        (lambda: qm.int8_linear(x, q8.float(), s8), "2-D torch.int8"),
+        (lambda: qm.int8_linear(torch.randn(2, 63), q8, s8), "K = 64"),
+        (lambda: qm.int8_linear(x, q8, s8[:4]), "scale has shape"),
+        (lambda: qm.int8_linear(x, q8, s8.to(torch.int32)), "scale has dtype"),
+        (lambda: qm.int8_linear(x, q8, s8, torch.zeros(7)), "bias has shape"),
+        (lambda: qm.int8_linear(x.to(torch.int32), q8, s8), "x has dtype"),
+        (lambda: qm.fp8_linear(x, q8, s8), "float8_e4m3fn"),
+        (lambda: qm.int4_linear(x, q4, s4, z4, 48), "group_size 48"),
+        (lambda: qm.int4_linear(x, q4.to(torch.int8), s4, z4, 32), "uint8"),
+        (lambda: qm.int4_linear(torch.randn(2, 128), q4, s4, z4, 32), "K = 64"),
+        (lambda: qm.int4_linear(x, q4, s4, z4[:, :1], 32), "zero has shape"),
+        (lambda: qm.int4_linear(torch.randn(2, 96), torch.zeros(8, 48, dtype=torch.uint8),
+                                s4[:, :1], z4[:, :1], 64), "not a multiple of group_size"),
+    ]
+    # The CUDA path refuses layouts it could only serve by copying the weight on every call.
+    cases += [
+        (lambda: qm._triton_linear(qm.INT8, x, q8.t().contiguous().t(), s8, None, 0, None),
+         "qweight must be contiguous"),
+        (lambda: qm._triton_linear(qm.INT4, x, q4, s4, torch.cat([z4, z4], 1)[:, :2], 32, None),
+         "share one layout"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_custom_ops_trace_with_fake_tensors():
+    # What torch.compile sees of the CUDA path: an opaque op with a shape function.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    q8, s8 = make_int8(24, 64, gen)
+    q4, s4, z4 = make_int4(24, 64, 32, gen)
+
+    def layer(x, q8, s8, q4, s4, z4):
+        flat = x.reshape(-1, 64)
+        a = torch.ops.tachylm.int8_linear(flat, q8, s8, None)
+        b = torch.ops.tachylm.int4_linear(flat, q4, s4, z4, 32, None)
+        return (a + b).reshape(2, 3, 24)
+
+    graph = make_fx(layer, tracing_mode="fake")(x, q8, s8, q4, s4, z4)
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert {"tachylm.int8_linear.default", "tachylm.int4_linear.default"} <= targets
+    out = [n for n in graph.graph.nodes if n.op == "output"][0].args[0]
+    assert tuple(out.meta["val"].shape) == (2, 3, 24)
+    assert out.meta["val"].dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# The inline PTX, emulated
+# ----------------------------------------------------------------------------------------------
+
+def _f32(bits):
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def _bits32(value):
+    return int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+
+
+def _half(bits, dtype):
+    if dtype == "bf16":
+        return _f32(bits << 16)
+    return np.array([bits], dtype=np.uint16).view(np.float16)[0]
+
+
+def _half_bits(value, dtype):
+    t = torch.tensor([float(value)], dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return int(t.view(torch.int16).item()) & 0xFFFF
+
+
+def run_ptx(text, inputs, n_out):
+    """Execute the few PTX instructions the conversions use; registers hold uint32 values."""
+    regs = {f"${n_out + i}": v for i, v in enumerate(inputs)}
+
+    def val(tok):
+        if tok.startswith("0f"):
+            return int(tok[2:], 16)
+        if tok.startswith("0x"):
+            return int(tok, 16)
+        if tok.isdigit():
+            return int(tok)
+        return regs[tok]
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        a = [val(t) for t in src]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "xor.b32":
+            r = a[0] ^ a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":
+            pool = a[0] | (a[1] << 32)
+            r = 0
+            for i in range(4):
+                sel = (a[2] >> (4 * i)) & 0x7
+                r |= ((pool >> (8 * sel)) & 0xFF) << (8 * i)
+        elif op == "sub.f32":
+            r = _bits32(np.float32(_f32(a[0])) - np.float32(_f32(a[1])))
+        elif op == "sub.f16x2":
+            lo = np.float16(_half(a[0] & 0xFFFF, "f16") - _half(a[1] & 0xFFFF, "f16"))
+            hi = np.float16(_half(a[0] >> 16, "f16") - _half(a[1] >> 16, "f16"))
+            r = _half_bits(lo, "f16") | (_half_bits(hi, "f16") << 16)
+        elif op == "cvt.rn.bf16x2.f32":  # d = {a -> upper half, b -> lower half}
+            r = (_half_bits(_f32(a[0]), "bf16") << 16) | _half_bits(_f32(a[1]), "bf16")
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+def _words():
+    # Every byte value in every lane: word i holds bytes i, i + 1, i + 2, i + 3 (mod 256).
+    return [sum(((i + j) % 256) << (8 * j) for j in range(4)) for i in range(256)]
+
+
+def _bytes(word):
+    return [(word >> (8 * j)) & 0xFF for j in range(4)]
+
+
+def _int8(byte):
+    return struct.unpack("b", bytes([byte]))[0]
+
+
+def _halves(regs):
+    return [h for r in regs for h in (r & 0xFFFF, r >> 16)]
+
+
+def test_ptx_int8_to_f32_matches_plain_form():
+    for word in _words():
+        out = run_ptx(qm._PTX_INT8_TO_F32, [word], 4)
+        assert [float(_f32(r)) for r in out] == [float(_int8(b)) for b in _bytes(word)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_ptx_int8_to_16bit_matches_plain_form(dtype):
+    text = qm._PTX_INT8_TO_BF16 if dtype == "bf16" else qm._PTX_INT8_TO_F16
+    for word in _words():
+        out = _halves(run_ptx(text, [word], 2))
+        assert [float(_half(h, dtype)) for h in out] == [float(_int8(b)) for b in _bytes(word)]
+
+
+@pytest.mark.parametrize("dtype,offset", [("bf16", 128), ("f16", 1024)])
+def test_ptx_nibbles_match_plain_form(dtype, offset):
+    text = qm._PTX_NIBBLES_TO_BF16 if dtype == "bf16" else qm._PTX_NIBBLES_TO_F16
+    for word in _words():
+        out = run_ptx(text, [word], 4)
+        low, high = _halves(out[:2]), _halves(out[2:])
+        assert [float(_half(h, dtype)) for h in low] == [offset + (b & 0xF) for b in _bytes(word)]
+        assert [float(_half(h, dtype)) for h in high] == [offset + (b >> 4) for b in _bytes(word)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (child process)
+# ----------------------------------------------------------------------------------------------
+
+N, K = 40, 96  # K = 96 leaves a ragged last tile for every BLOCK_K of 64
+
+M1 = dict(BLOCK_N=16, BLOCK_K=64, STAGES=2, num_warps=4)
+DOT = dict(BLOCK_N=16, SUB_K=16, K_SLICES=2, STAGES=2, num_warps=2)
+
+# name -> (scheme, m, x dtype, group, config or None for the dequantize + matmul path, bias, K)
+CASES = {}
+for _scheme in ("int8", "fp8"):
+    for _split in (1, 2):
+        CASES[f"{_scheme}-m1-split{_split}"] = (_scheme, 1, "bf16", 0, {**M1, "SPLIT_K": _split},
+                                                True, K)
+        CASES[f"{_scheme}-m3-split{_split}"] = (_scheme, 3, "bf16", 0, {**DOT, "SPLIT_K": _split},
+                                                True, K)
+    CASES[f"{_scheme}-m1-evenK"] = (_scheme, 1, "bf16", 0, {**M1, "SPLIT_K": 1}, False, 128)
+    CASES[f"{_scheme}-m2-fp16"] = (_scheme, 2, "fp16", 0, {**DOT, "SPLIT_K": 1}, False, K)
+    CASES[f"{_scheme}-m5-evenK"] = (_scheme, 5, "bf16", 0, {**DOT, "SPLIT_K": 1}, True, 128)
+    CASES[f"{_scheme}-m20-dequant"] = (_scheme, 20, "bf16", 0, None, True, K)
+    CASES[f"{_scheme}-m1-dotkernel"] = (_scheme, 1, "bf16", 0, {**DOT, "SPLIT_K": 1, "kind": "dot"},
+                                        True, K)
+CASES["int8-m1-fp32"] = ("int8", 1, "fp32", 0, {**M1, "SPLIT_K": 1}, True, K)
+for _group in (32, 64):
+    for _m in (1, 3):
+        for _split in (1, 2):
+            CASES[f"int4-g{_group}-m{_m}-split{_split}"] = (
+                "int4", _m, "bf16", _group,
+                {**DOT, "SUB_K": _group, "K_SLICES": 2, "SPLIT_K": _split}, True, 3 * _group)
+    CASES[f"int4-g{_group}-m2-fp16"] = ("int4", 2, "fp16", _group,
+                                       {**DOT, "SUB_K": _group, "K_SLICES": 2, "SPLIT_K": 1}, False,
+                                       2 * _group)
+    CASES[f"int4-g{_group}-m20-dequant"] = ("int4", 20, "bf16", _group, None, True, 2 * _group)
+
+OP_CASES = {f"op-{scheme}-m{m}": (scheme, m) for scheme in ("int8", "fp8", "int4") for m in (1, 3)}
+
+# Relative error against float64 is the rounding of the output to x's dtype; the interpreter
+# truncates float32 -> bfloat16 (the GPU rounds to nearest), about 3.5e-3 instead of 1.7e-3.
+TOLERANCE = {"bf16": 8e-3, "fp16": 2e-3, "fp32": 1e-5}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCHEMES = {"int8": qm.INT8, "fp8": qm.FP8, "int4": qm.INT4}
+
+
+def _patch_interpreter():
+    """Work around two gaps of Triton 3.6's interpreter (the GPU compiler is not affected).
+
+    It converts loop bounds with int() on one-element arrays, which numpy >= 2.4 rejects, and it
+    multiplies bfloat16 `tl.dot` operands as their raw uint16 storage.
+    """
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    patch_tensor = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interp._patch_lang_tensor = patched
+    create_dot = interp.InterpreterBuilder.create_dot
+
+    def dot(self, a, b, d, *rest):
+        def widen(h):
+            if h.dtype == tl.bfloat16:
+                return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32),
+                                           tl.float32)
+            return h
+        return create_dot(self, widen(a), widen(b), d, *rest)
+
+    interp.InterpreterBuilder.create_dot = dot
+
+
+def _interpreter_child():
+    """Run every case of CASES with the Triton interpreter; print one JSON object of results."""
+    _patch_interpreter()
+    results = {}
+    for name, (scheme, m, dtype, group, config, with_bias, k) in CASES.items():
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        x = torch.randn(m, k, generator=gen).to(DTYPES[dtype])
+        bias = torch.randn(N, generator=gen).to(DTYPES[dtype]) if with_bias else None
+        if scheme == "int4":
+            weights = make_int4(N, k, group, gen)
+            zero = weights[2]
+        else:
+            weights = (make_int8 if scheme == "int8" else make_fp8)(N, k, gen)
+            zero = None
+        try:
+            if config is None:
+                out = qm._triton_linear(SCHEMES[scheme], x, weights[0], weights[1], zero, group,
+                                        bias)
+            else:
+                config = dict(config)
+                kind = config.pop("kind", None)
+                out = qm._gemv(SCHEMES[scheme], x, weights[0], weights[1], zero, group, bias,
+                               config, kind)
+            counters = int(qm._split_counters(x.device).abs().sum())
+            results[name] = {"rel": rel_err(out, oracle(scheme, x, weights, group, bias)),
+                             "dtype": str(out.dtype), "shape": list(out.shape),
+                             "finite": bool(torch.isfinite(out).all()), "counters": counters}
+        except Exception as e:  # reported to the parent test, which fails with the message
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    # The custom ops (what the CUDA dispatch calls) on CPU tensors, through the autotuner: timing
+    # means nothing here, so every config is run once and the first is kept.
+    qm._tuning_bench = lambda fn, quantiles: (fn(), [1.0] * len(quantiles))[1]
+    for name, (scheme, m) in OP_CASES.items():
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        x = torch.randn(m, 64, generator=gen).to(torch.bfloat16)
+        if scheme == "int4":
+            weights = make_int4(24, 64, 32, gen)
+            out = torch.ops.tachylm.int4_linear(x, *weights, 32, None)
+        else:
+            weights = (make_int8 if scheme == "int8" else make_fp8)(24, 64, gen)
+            out = getattr(torch.ops.tachylm, f"{scheme}_linear")(x, *weights, None)
+        results[name] = {"rel": rel_err(out, oracle(scheme, x, weights, 32)),
+                         "dtype": str(out.dtype), "shape": list(out.shape),
+                         "finite": bool(torch.isfinite(out).all()), "counters": 0}
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (pip install triton) to run the kernels interpreted")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES) + list(OP_CASES))
+def test_triton_kernel_interpreted(interpreted, name):
+    result = interpreted[name]
+    assert "error" not in result, result.get("error")
+    if name in CASES:
+        _, m, dtype = CASES[name][:3]
+        n = N
+    else:
+        (_, m), dtype, n = OP_CASES[name], "bf16", 24
+    assert result["shape"] == [m, n]
+    assert result["dtype"] == str(DTYPES[dtype])
+    assert result["finite"], "an output element was not written or is not finite"
+    assert result["rel"] < TOLERANCE[dtype], result
+    assert result["counters"] == 0, "split-K counters were not reset"
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ----------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and qm.HAS_TRITON),
+                          reason="needs a CUDA GPU and triton")
+
+
+def _cuda_layer(scheme, n, k, group, gen):
+    if scheme == "int4":
+        weights = make_int4(n, k, group, gen)
+        return weights, lambda t, w, b: qm.int4_linear(t, *w, group, b)
+    weights = (make_int8 if scheme == "int8" else make_fp8)(n, k, gen)
+    fn = qm.int8_linear if scheme == "int8" else qm.fp8_linear
+    return weights, lambda t, w, b: fn(t, *w, b)
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 4, 16, 40])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "int4"])
+def test_cuda_dispatch_matches_float64(scheme, m):
+    gen = torch.Generator().manual_seed(m)
+    n, k, group = 300, 1024, 128
+    x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    weights, call = _cuda_layer(scheme, n, k, group, gen)
+    want = oracle(scheme, x.reshape(-1, k), weights, group, bias).reshape(2, m, n)
+    out = call(x.cuda(), [w.cuda() for w in weights], bias.cuda())
+    assert out.shape == (2, m, n) and out.dtype == torch.bfloat16
+    assert rel_err(out.cpu(), want) < 8e-3
+    assert int(qm._split_counters(out.device).abs().sum()) == 0
+
+
+@cuda
+def test_cuda_compiled_with_cuda_graphs():
+    gen = torch.Generator().manual_seed(5)
+    n, k, group = 256, 512, 64
+    layers = [_cuda_layer(scheme, n, k, group, gen) for scheme in ("int8", "fp8", "int4")]
+    layers = [([w.cuda() for w in weights], call) for weights, call in layers]
+
+    def forward(x):
+        return sum(call(x, weights, None) for weights, call in layers)
+
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
+    eager = forward(x)
+    compiled = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up (autotuned already), graph capture, replay
+        out = compiled(x).clone()
+    assert torch.allclose(out.float(), eager.float(), atol=1e-2, rtol=1e-2)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
+    _interpreter_child()
