@@ -40,6 +40,7 @@ from tachylm.config import ModelConfig, RopeScaling
 from tachylm.engine import load_checkpoint, pick_device
 from tachylm.generate import Generation
 from tachylm.model import Transformer
+from tachylm.quant import apply_quant_option
 from tachylm.sampling import SamplingParams, SamplingPlan, SamplingTensors, plan_for, sample, to_tensors
 from tachylm.steps import PREFILL_MULTIPLE, Steps
 
@@ -90,6 +91,8 @@ class BenchOptions:
         model: a model reference (alias, path, hub id) to load real weights instead.
         compile: compile the decode step; None = on CUDA only.
         compile_prefill: also compile prefill (dynamic length) for the prefill runs.
+        quant, group_size, quant_head: weight-only quantization applied after building
+            (round-to-nearest; see tachylm.quant), or None for the checkpoint's dtype.
         compile_backend: torch.compile backend for Steps ("eager" makes CPU tests fast).
         batches: one decode run (and one long-context run) per batch size.
         prefill: prompt lengths for batch-1 prefill runs (empty = none).
@@ -107,6 +110,9 @@ class BenchOptions:
     dtype: str = "auto"
     compile: bool | None = None
     compile_prefill: bool = False
+    quant: str | None = None
+    group_size: int = 128
+    quant_head: bool = False
     compile_backend: str = "inductor"
     batches: tuple[int, ...] = (1,)
     prompt_len: int = 5
@@ -200,6 +206,8 @@ def iter_bench(options: BenchOptions, progress: Progress | None = None) -> Itera
               "command": options.command, "compiled": compiled,
               "compile_backend": options.compile_backend if compiled else None,
               "dtype": str(dtype).removeprefix("torch."),
+              "quant": options.quant, "group_size": options.group_size if options.quant == "int4" else None,
+              "quant_head": options.quant_head if options.quant else None,
               "repeats": options.repeats, "peak_gb_s": peak, "weight_bytes": weight_bytes(model)}
     runs = [("decode", b, 0) for b in options.batches] + [("prefill", 1, n) for n in options.prefill]
     runs += [("long-context", b, options.context) for b in options.batches if options.context]
@@ -236,6 +244,15 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> list[d
 
 def _load_model(options: BenchOptions, device: torch.device, dtype: torch.dtype,
                 report: Progress) -> Transformer:
+    model = _load_float_model(options, device, dtype, report)
+    if options.quant is not None:
+        report(f"quantizing to {options.quant}")
+        apply_quant_option(model, options.quant, options.group_size, options.quant_head, device=device)
+    return model
+
+
+def _load_float_model(options: BenchOptions, device: torch.device, dtype: torch.dtype,
+                      report: Progress) -> Transformer:
     if options.model is None:
         config = SHAPES[options.shape]
         report(f"building random {options.shape} weights ({config.n_params / 1e9:.2f}B parameters, {dtype})")

@@ -12,6 +12,7 @@ import sys
 
 from tachylm import engine as api
 from tachylm.cli_bench import add_bench_parser
+from tachylm.cli_quant import add_quant_parsers
 
 CACHE_ENV = "TACHYLM_CACHE"
 
@@ -34,6 +35,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "pays off on a GPU, slow to start on a CPU")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja2 chat template to use instead of the checkpoint's own")
+    p.add_argument("--quant", default=None, choices=["int8", "fp8", "int4"],
+                   help="quantize weights on the fly (round-to-nearest); for GPTQ use `tachylm quantize`")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="int4 group size (default 128)")
+    p.add_argument("--quant-head", action="store_true", help="quantize the output head too")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int) -> None:
@@ -58,7 +64,8 @@ def _sampling(args) -> api.SamplingParams:
 def _load(args) -> api.Engine:
     return api.Engine.load(args.model, device=args.device, dtype=args.dtype,
                            max_seq_len=args.max_seq_len, compile=args.compile,
-                           chat_template_file=args.chat_template,
+                           chat_template_file=args.chat_template, quant=args.quant,
+                           group_size=args.group_size, quant_head=args.quant_head,
                            cache_dir=os.environ.get(CACHE_ENV), progress=_progress)
 
 
@@ -152,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     add_bench_parser(sub)
+    add_quant_parsers(sub)
     return parser
 
 

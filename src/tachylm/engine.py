@@ -23,6 +23,8 @@ from tachylm.checkpoints.hf import read_hf
 from tachylm.checkpoints.resolve import DEFAULT_MODEL, list_aliases, pull, resolve_model
 from tachylm.generate import Generation, GenerationStats
 from tachylm.model import Transformer
+from tachylm.quant import apply_quant_option
+from tachylm.quant.io import is_quantized_folder, load_quantized, read_quantized_config
 from tachylm.sampling import SamplingParams
 from tachylm.steps import Steps
 from tachylm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
@@ -50,6 +52,9 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Read a checkpoint from a local .gguf file or Hugging Face folder."""
+    if is_quantized_folder(path):
+        raise ValueError(f"{path} is a quantized folder; load it with Engine.load "
+                         "(tachylm.quant.io.load_quantized)")
     if os.path.isdir(path):
         return read_hf(path)
     if path.endswith(".gguf"):
@@ -130,6 +135,7 @@ class Engine:
     @classmethod
     def load(cls, ref: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
              max_seq_len: int | None = None, compile: bool = False, chat_template_file: str | None = None,
+             quant: str | None = None, group_size: int = 128, quant_head: bool = False,
              cache_dir: str | None = None, progress: Callable[[str], None] | None = None) -> "Engine":
         """Resolve, read and build a model.
 
@@ -140,6 +146,8 @@ class Engine:
             max_seq_len: KV-cache length (default: the model's, capped at 4096 on CPU).
             compile: compile prefill and decode with torch.compile.
             chat_template_file: a Jinja2 template overriding the checkpoint's own.
+            quant: quantize on the fly ("int8", "fp8", "int4"; round-to-nearest), or None.
+            group_size, quant_head: int4 group size; quantize the output head too.
             cache_dir: where downloaded models are kept.
             progress: called with progress lines (downloads, loading).
         """
@@ -151,8 +159,14 @@ class Engine:
         path = resolve_model(ref, cache_dir=cache_dir, progress=progress)
         if progress:
             progress(f"loading {path}")
-        checkpoint = load_checkpoint(path, dtype=torch_dtype)
-        config = checkpoint.config
+        quantized = is_quantized_folder(path)
+        if quantized and quant is not None:
+            raise ValueError(f"{path} is already quantized; drop --quant")
+        if quantized:
+            config = read_quantized_config(path)
+        else:
+            checkpoint = load_checkpoint(path, dtype=torch_dtype)
+            config = checkpoint.config
         if max_seq_len is None:
             max_seq_len = config.max_seq_len
             if torch_device.type == "cpu":
@@ -160,7 +174,12 @@ class Engine:
         if not 1 < max_seq_len <= config.max_seq_len:
             raise ValueError(f"--max-seq-len must be in [2, {config.max_seq_len}] for this model, "
                              f"got {max_seq_len}")
-        model = build_model(checkpoint, device=torch_device, dtype=torch_dtype, max_seq_len=max_seq_len)
+        if quantized:
+            model = load_quantized(path, device=torch_device, dtype=torch_dtype, max_seq_len=max_seq_len)
+        else:  # with --quant, build in host memory: only quantized layers land on the device
+            model = build_model(checkpoint, device="cpu" if quant else torch_device, dtype=torch_dtype,
+                                max_seq_len=max_seq_len)
+            apply_quant_option(model, quant, group_size, quant_head, progress, device=torch_device)
         tokenizer = load_tokenizer(path)
         template = None
         if chat_template_file is not None or tokenizer.chat_template is not None:

@@ -1,0 +1,241 @@
+"""GPTQ (Frantar et al., 2022) for the int4 scheme: weights chosen to minimise each layer's output
+error on calibration activations, stored in the same format as round-to-nearest int4.
+
+Per Linear with weight W [N, K] and calibration inputs X [n, K]:
+
+1. H = 2 X^T X / n (float32), dead inputs (H_kk = 0) pinned, damped by `damp` x mean(diag H).
+2. U = upper Cholesky factor of H^-1.
+3. Columns are quantized left to right in blocks of 128; each column's rounding error, divided by
+   U_kk, is spread over the not-yet-quantized columns (row k of U), within the block at once and
+   onto the rest of the matrix after each block.
+4. Groups are static (consecutive `group_size` columns, as in the RTN layout); a group's scale and
+   zero are computed from the error-updated weights when its first column is reached. With
+   `act_order` (off by default) columns are visited by decreasing H_kk and the group grids are fixed
+   up front from the original weights, so the stored layout stays the same.
+
+The model is processed one block at a time: the calibration hidden states [n_samples, seq, dim]
+stay on `device`, each block visits `device`, its Linears are quantized in order (each from inputs
+produced by the already-quantized ones before it), the hidden states are pushed through the
+quantized block, and the block goes back to where it came from. Only one block's weights and the
+hidden states are on the device at a time, so a model held in host memory can be quantized on a GPU
+much smaller than the model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tachylm.quant import HEAD, head_weight, set_module
+from tachylm.quant.schemes import Int4Linear, check_group_size, int4_codes, int4_group_params, pack_int4
+
+Progress = Callable[[str], None]
+
+
+def calibration_windows(token_ids: list[int] | torch.Tensor, n_samples: int = 128,
+                        seq_len: int = 512) -> torch.Tensor:
+    """Split calibration text tokens into `n_samples` non-overlapping windows of `seq_len`.
+
+    Windows are spread evenly over the text (so a long text is sampled throughout).
+
+    Returns:
+        int64 [n_samples, seq_len].
+    Raises:
+        ValueError: the text holds fewer than n_samples * seq_len tokens.
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise ValueError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
+    tokens = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    need = n_samples * seq_len
+    if tokens.numel() < need:
+        raise ValueError(f"the calibration text has {tokens.numel()} tokens but {n_samples} samples x "
+                         f"{seq_len} tokens = {need} are needed; give a longer text or lower "
+                         "--calib-samples / --calib-seq-len")
+    spare = tokens.numel() - need
+    starts = [i * seq_len + (spare * i) // max(n_samples - 1, 1) for i in range(n_samples)]
+    return torch.stack([tokens[s:s + seq_len] for s in starts])
+
+
+class _Captured(Exception):
+    """Raised by the input hook to stop a forward once the wanted layer's input is seen."""
+
+
+def input_hessian(linear: nn.Module, run: Callable[[], None], in_features: int,
+                  device: torch.device) -> torch.Tensor:
+    """H = 2 X^T X / n over the inputs X that `linear` receives while `run()` executes.
+
+    `run` is called once per batch by the caller's loop; the forward stops at `linear`.
+
+    Returns:
+        float32 [in_features, in_features] on `device`.
+    """
+    hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    rows = 0
+
+    def hook(module, args):
+        nonlocal rows
+        x = args[0].reshape(-1, in_features).to(device=device, dtype=torch.float32)
+        hessian.addmm_(x.T, x)
+        rows += x.shape[0]
+        raise _Captured
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    assert rows > 0, "the calibration forward never reached the layer"
+    return hessian.mul_(2.0 / rows)
+
+
+@torch.no_grad()
+def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor, group_size: int, *,
+              damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+              name: str = "layer") -> Int4Linear:
+    """GPTQ-quantize one Linear to int4.
+
+    Args:
+        weight: [N, K] float, on the device to compute on.
+        bias: [N] or None (kept as is).
+        hessian: [K, K] float32, 2 X^T X / n of the layer's calibration inputs.
+        group_size: int4 group size; must divide K.
+        damp: diagonal dampening as a fraction of the mean diagonal.
+        act_order: visit columns by decreasing H_kk (static groups keep the layout).
+        block_size: columns per lazy-update block (rounded up to a multiple of group_size).
+    Returns:
+        An Int4Linear on weight's device.
+    Raises:
+        RuntimeError: the dampened Hessian is not positive definite.
+    """
+    n_out, n_in = weight.shape
+    check_group_size(n_in, group_size, name)
+    device = weight.device
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.to(device=device, dtype=torch.float32).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0  # inputs that are always zero: their weights never matter
+    n_groups = n_in // group_size
+    scales = torch.empty(n_out, n_groups, device=device)
+    zeros = torch.empty(n_out, n_groups, device=device)
+    if act_order:
+        grouped = w.reshape(n_out * n_groups, group_size)
+        scale, zero = int4_group_params(grouped)
+        scales.copy_(scale.reshape(n_out, n_groups))
+        zeros.copy_(zero.reshape(n_out, n_groups))
+        order = torch.argsort(torch.diagonal(h), descending=True)
+        w, h = w[:, order], h[order][:, order]
+    else:
+        order = None
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    factor, info = torch.linalg.cholesky_ex(h)
+    if info.item() == 0:
+        factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    if info.item() != 0:
+        raise RuntimeError(f"{name}: GPTQ's Hessian is not positive definite even after dampening; "
+                           "calibrate on more tokens (--calib-samples) or raise the dampening")
+    h_inv = factor  # upper Cholesky factor of H^-1
+    codes = torch.empty(n_out, n_in, device=device)
+    block = -(-max(block_size, group_size) // group_size) * group_size
+    for start in range(0, n_in, block):
+        end = min(start + block, n_in)
+        w_block = w[:, start:end].clone()
+        err_block = torch.empty_like(w_block)
+        h_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if order is not None:
+                group = int(order[column]) // group_size
+                scale, zero = scales[:, group], zeros[:, group]
+            elif column % group_size == 0:
+                # The whole group lies inside this block (block is a multiple of group_size), so
+                # its grid sees the error feedback from every column quantized so far.
+                scale, zero = int4_group_params(w_block[:, i:i + group_size])
+                scales[:, column // group_size], zeros[:, column // group_size] = scale, zero
+            q = int4_codes(w_block[:, i], scale, zero)
+            codes[:, column] = q
+            err = (w_block[:, i] - (q - zero) * scale) / h_block[i, i]
+            w_block[:, i:].addr_(err, h_block[i, i:], alpha=-1.0)
+            err_block[:, i] = err
+        w[:, end:].addmm_(err_block, h_inv[start:end, end:], alpha=-1.0)
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
+    return Int4Linear(pack_int4(codes), scales, zeros, group_size,
+                      None if bias is None else bias.detach().clone())
+
+
+def _block_linears(block: nn.Module) -> list[str]:
+    return [name for name, module in block.named_modules() if type(module) is nn.Linear]
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, calibration_tokens: torch.Tensor, group_size: int = 128, *,
+                        include_head: bool = False, device: torch.device | str | None = None,
+                        damp: float = 0.01, act_order: bool = False, batch_size: int = 8,
+                        progress: Progress | None = None) -> None:
+    """GPTQ every per-layer Linear (and the head with `include_head`) of a Transformer, in place.
+
+    Args:
+        model: the float model (wherever its weights live; blocks visit `device` one at a time).
+        calibration_tokens: int64 [n_samples, seq_len] (see `calibration_windows`).
+        group_size: int4 group size.
+        include_head: quantize the output head too, from the final normed hidden states.
+        device: where the math runs (default: where the model is).
+        damp, act_order: see `gptq_int4`.
+        batch_size: calibration samples per forward.
+        progress: called with one line per block.
+    """
+    home = model.embed.weight.device
+    device = torch.device(device) if device is not None else home
+    tokens = torch.as_tensor(calibration_tokens, dtype=torch.long)
+    if tokens.dim() != 2:
+        raise ValueError(f"calibration tokens must be [n_samples, seq_len], got shape {list(tokens.shape)}")
+    n_samples, seq_len = tokens.shape
+    if seq_len > model.rope_cos.shape[0]:
+        raise ValueError(f"calibration windows of {seq_len} tokens exceed the model's rotary tables "
+                         f"({model.rope_cos.shape[0]} positions); lower --calib-seq-len")
+    cos = model.rope_cos[:seq_len].to(device)[None, None]  # [1, 1, T, head_dim / 2]
+    sin = model.rope_sin[:seq_len].to(device)[None, None]
+    input_pos = torch.arange(seq_len, device=device)[None]
+    batches = [slice(i, min(i + batch_size, n_samples)) for i in range(0, n_samples, batch_size)]
+    # [n_samples, seq_len, dim]: the input of the current block, kept on the device throughout.
+    hidden = torch.cat([model.embed(tokens[b].to(home)).to(device) for b in batches])
+    n_layers = len(model.layers)
+    for index, block in enumerate(model.layers):
+        block.to(device)
+
+        def run_block(target=block, layer=index):
+            for b in batches:
+                try:
+                    target(hidden[b], cos, sin, None, layer, input_pos, None)
+                except _Captured:
+                    pass
+
+        for name in _block_linears(block):
+            linear = block.get_submodule(name)
+            hessian = input_hessian(linear, run_block, linear.in_features, device)
+            full_name = f"layers.{index}.{name}"
+            set_module(block, name, gptq_int4(linear.weight, linear.bias, hessian, group_size, damp=damp,
+                                              act_order=act_order, name=full_name))
+            del linear, hessian
+        for b in batches:  # the next block sees what the quantized block produces
+            hidden[b] = block(hidden[b], cos, sin, None, index, input_pos, None)
+        block.to(home)
+        if progress is not None:
+            progress(f"GPTQ block {index + 1}/{n_layers} (int4, group size {group_size})")
+    if include_head:
+        norm = model.norm.to(device)
+        normed = torch.cat([norm(hidden[b]) for b in batches]).reshape(-1, hidden.shape[-1])
+        model.norm.to(home)
+        x = normed.float()
+        hessian = (x.T @ x).mul_(2.0 / x.shape[0])
+        del normed, x, hidden
+        weight = head_weight(model).to(device)
+        bias = model.get_submodule(HEAD).bias
+        bias = None if bias is None else bias.to(device)
+        head = gptq_int4(weight, bias, hessian, group_size, damp=damp, act_order=act_order, name=HEAD)
+        set_module(model, HEAD, head.to(home))
+        if progress is not None:
+            progress(f"GPTQ {HEAD} (int4, group size {group_size})")

@@ -1,0 +1,289 @@
+"""Quantized checkpoints on disk: a folder that loads without the original model.
+
+Layout of a quantized folder:
+
+    model.safetensors       every tensor under the model's own state-dict names (fused q/k/v and
+                            gate/up; quantized modules as `<module>.qweight`, `.scale`, `.zero`,
+                            `.bias`); a tied, unquantized head is not stored twice. No pickles.
+    quantization.json       format and version, mode, group size, include_head, the dtype of the
+                            floating-point tensors, the ModelConfig, and one spec per quantized
+                            module (what `prepare_for_quantized_load` needs)
+    tokenizer.json, tokenizer_config.json, generation_config.json (+ chat_template.jinja ...)
+                            copied from a Hugging Face source, or written from a GGUF vocabulary
+
+The stored layouts are device-independent (see schemes.py): a folder written on a CPU loads on a
+GPU and back; any kernel-specific repacking belongs to load time, never to the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from tachylm.checkpoints import CheckpointError
+from tachylm.config import ModelConfig, RopeScaling
+from tachylm.model import Transformer
+from tachylm.quant import HEAD, module_specs, prepare_for_quantized_load, quantized_modules
+from tachylm.quant.schemes import check_fp8_device
+from tachylm.tokenizer import load_tokenizer
+
+FORMAT = "tachylm-quantized"
+FORMAT_VERSION = 1
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                      "special_tokens_map.json", "chat_template.jinja")
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_REQUIRED_KEYS = ("format", "format_version", "mode", "group_size", "include_head", "dtype", "config",
+                  "modules")
+
+
+def is_quantized_folder(path: str | os.PathLike[str]) -> bool:
+    """True when `path` is a folder written by `save_quantized` (it holds quantization.json)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANT_FILE))
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """ModelConfig -> JSON-able dict (inverse: `config_from_dict`)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
+    """dict from `config_to_dict` -> ModelConfig; CheckpointError names `source` on any problem."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: 'config' must be an object")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown config field(s) {unknown}; written by a newer tachylm?")
+    data = dict(data)
+    try:
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if data.get("rope_freq_divisors") is not None:
+            data["rope_freq_divisors"] = tuple(data["rope_freq_divisors"])
+        return ModelConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid model config ({e})") from e
+
+
+def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: str,
+                   tokenizer_source: str | os.PathLike[str] | None = None,
+                   dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write a quantized model as a folder `load_quantized` reads.
+
+    Args:
+        model: a Transformer after `quantize_model` (any device).
+        folder: created if needed; files of the same names are overwritten.
+        mode: the quantization mode it was made with ("int8", "fp8", "int4", "int4-gptq").
+        tokenizer_source: the source checkpoint (.gguf file or Hugging Face folder) whose tokenizer
+            and chat template go along; None writes no tokenizer files.
+        dtype: dtype for the floating-point tensors (embedding, norms, biases); default as they are.
+            Quantized tensors and their scales keep their own dtypes.
+        extra: more JSON-able facts to record under "provenance" (source, calibration used).
+    Raises:
+        ValueError: the model has no quantized modules.
+    """
+    specs = module_specs(model)
+    if not specs:
+        raise ValueError("the model holds no quantized modules; run quantize_model first")
+    config = model.config
+    exact = _exact_dtype_names(model)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == f"{HEAD}.weight" and config.tie_embeddings:
+            continue  # the embedding table itself; re-tied at load
+        if dtype is not None and name not in exact:
+            tensor = tensor.to(dtype)
+        state[name] = tensor.detach().to("cpu").contiguous()
+    float_dtypes = {str(t.dtype).removeprefix("torch.") for n, t in state.items() if n not in exact}
+    assert len(float_dtypes) == 1, f"mixed floating-point dtypes {float_dtypes}; pass dtype="
+    group_sizes = {spec["group_size"] for spec in specs.values() if "group_size" in spec}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "group_size": group_sizes.pop() if len(group_sizes) == 1 else None,
+        "include_head": HEAD in specs,
+        "dtype": float_dtypes.pop(),
+        "config": config_to_dict(config),
+        "modules": specs,
+        "provenance": extra or {},
+    }
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, WEIGHTS_FILE), metadata={"format": FORMAT})
+    with open(os.path.join(folder, QUANT_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    if tokenizer_source is not None:
+        write_tokenizer(tokenizer_source, folder)
+
+
+def write_tokenizer(source: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
+    """Put the tokenizer (and chat template) of `source` into `folder` in Hugging Face form.
+
+    A Hugging Face folder's files are copied; a GGUF vocabulary is rebuilt by `load_tokenizer` and
+    written as tokenizer.json + tokenizer_config.json (bos/eos, add_bos_token, chat_template) +
+    generation_config.json (every stop id), which `Tokenizer.from_hf_dir` reads back identically.
+    """
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        for name in HF_TOKENIZER_FILES:
+            path = os.path.join(source, name)
+            if os.path.isfile(path):
+                shutil.copyfile(path, os.path.join(folder, name))
+        return
+    tokenizer = load_tokenizer(source)
+    # Tokenizer has no public save; its backend is a `tokenizers.Tokenizer`, which does.
+    tokenizer._backend.save(os.path.join(folder, "tokenizer.json"))
+    token_config: dict[str, Any] = {"add_bos_token": tokenizer.add_bos}
+    if tokenizer.bos_id is not None:
+        token_config["bos_token"] = tokenizer.id_to_token(tokenizer.bos_id)
+    if tokenizer.eos_id is not None:
+        token_config["eos_token"] = tokenizer.id_to_token(tokenizer.eos_id)
+    if tokenizer.chat_template is not None:
+        token_config["chat_template"] = tokenizer.chat_template
+    _write_json(os.path.join(folder, "tokenizer_config.json"), token_config)
+    _write_json(os.path.join(folder, "generation_config.json"), {"eos_token_id": sorted(tokenizer.stop_ids)})
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def _exact_dtype_names(model: Transformer) -> set[str]:
+    """State-dict names whose dtype is part of the format (quantized tensors, scales, zeros);
+    everything else is floating point in the model's dtype."""
+    return {f"{name}.{buffer}" for name, module in quantized_modules(model).items()
+            for buffer, _ in module.named_buffers() if buffer != "bias"}
+
+
+def read_quantization_json(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse and check `folder/quantization.json` (CheckpointError names the file and the key)."""
+    path = os.path.join(folder, QUANT_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder}: no {QUANT_FILE}; not a quantized tachylm checkpoint") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupted") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    missing = [key for key in _REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing}; the file is incomplete or corrupted")
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"{path}: format {meta['format']!r} is not {FORMAT!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta['format_version']!r} is not supported "
+                              f"(this tachylm reads version {FORMAT_VERSION}); upgrade tachylm or re-quantize")
+    if meta["dtype"] not in FLOAT_DTYPES:
+        raise CheckpointError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    modules = meta["modules"]
+    if not isinstance(modules, dict) or not modules or not all(
+            isinstance(spec, dict) for spec in modules.values()):
+        raise CheckpointError(f"{path}: 'modules' must map module names to scheme specs")
+    meta["config"] = config_from_dict(meta["config"], path)
+    return meta
+
+
+def read_quantized_config(folder: str | os.PathLike[str]) -> ModelConfig:
+    """The ModelConfig stored in a quantized folder."""
+    return read_quantization_json(folder)["config"]
+
+
+def load_quantized(folder: str | os.PathLike[str], device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Transformer:
+    """Load a folder written by `save_quantized`.
+
+    meta init -> quantized-module swap -> every tensor checked against the expected name, shape
+    and dtype -> assign-load on `device` -> tie the head if it was stored tied -> rotary tables.
+
+    Args:
+        folder: the quantized folder.
+        device: where the model goes.
+        dtype: dtype of the floating-point tensors (quantized tensors and scales keep theirs).
+        max_seq_len: positions the rotary tables cover (default: the config's).
+    Returns:
+        The model in eval mode.
+    Raises:
+        CheckpointError: missing, truncated or corrupted files; missing, unexpected or mismatching
+            tensors (naming the file and the tensor).
+        RuntimeError: fp8 weights on a GPU that cannot run them.
+    """
+    folder = os.fspath(folder)
+    meta = read_quantization_json(folder)
+    config, specs = meta["config"], meta["modules"]
+    device = torch.device(device)
+    if any(spec.get("scheme") == "fp8" for spec in specs.values()):
+        check_fp8_device(device)
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        prepare_for_quantized_load(model, specs)
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.join(folder, QUANT_FILE)}: {e}") from e
+    tied = config.tie_embeddings and HEAD not in specs
+    expected = model.state_dict()
+    if tied:
+        del expected[f"{HEAD}.weight"]
+    exact = _exact_dtype_names(model)
+    state = _read_weights(os.path.join(folder, WEIGHTS_FILE), expected, exact, device, dtype)
+    if tied:
+        state[f"{HEAD}.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    model.setup_rope(max_seq_len or config.max_seq_len, device)
+    return model.eval().requires_grad_(False)
+
+
+def _read_weights(path: str, expected: dict[str, torch.Tensor], exact: set[str], device: torch.device,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read and check every tensor of `path` against `expected` (meta tensors of the right shape
+    and dtype); names in `exact` must match the dtype, the rest must be floating point."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; the quantized folder is incomplete")
+    state = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            extra = sorted(names - set(expected))
+            if missing:
+                raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]} ({len(missing)} in all); "
+                                      "the file does not match quantization.json")
+            if extra:
+                raise CheckpointError(f"{path}: unexpected tensor(s) {extra[:5]} ({len(extra)} in all) "
+                                      "that quantization.json does not describe")
+            for name, want in expected.items():
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(want.shape):
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, "
+                                          f"expected {list(want.shape)}")
+                if name in exact:
+                    if tensor.dtype != want.dtype:
+                        raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
+                                              f"expected {want.dtype}")
+                    state[name] = tensor.to(device)
+                else:
+                    if not tensor.dtype.is_floating_point or tensor.dtype.itemsize < 2:
+                        raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
+                                              "expected a 16- or 32-bit floating-point type")
+                    state[name] = tensor.to(device=device, dtype=dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({e}); "
+                              "re-create it with tachylm quantize") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    return state

@@ -1,0 +1,354 @@
+"""Weight-only quantized replacements for `nn.Linear`: one small interface, three schemes.
+
+A scheme is data + `forward` + `shard`: the quantized tensors live in buffers under fixed names
+(they become the state-dict names, e.g. `layers.0.attn.qkv_proj.qweight`), `forward` calls the
+kernel dispatch in `tachylm.kernels.quant_matmul`, and `shard` splits the module for tensor
+parallelism. Nothing outside this package needs to know which scheme a module uses.
+
+Canonical (device-independent) layouts, for a Linear with weight [N, K] (N = out_features):
+
+    int8  qweight int8 [N, K], scale float32 [N]        w = q * scale          (q in -127..127)
+    fp8   qweight float8_e4m3fn [N, K], scale float32 [N] w = q * scale         (|q| <= 448)
+    int4  qweight uint8 [N, K/2], scale float32 [N, K/G], zero float32 [N, K/G]
+          w = (q - zero[g]) * scale[g], q in 0..15, two values per byte along K, the LOW nibble
+          holding the even k.
+
+int4 keeps the zero point as an unrounded float: then the minimum and maximum of every group are
+exactly representable (q = 0 and q = 15) and the rounding error is at most scale / 2 for every
+element, where a rounded zero point can clip the group's extremes by up to scale / 2 more.
+
+The bias (if any) stays in floating point, in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from tachylm.kernels import quant_matmul as kernels
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first NVIDIA GPUs with fp8 tensor cores
+
+
+class QuantizedLinear(nn.Module):
+    """Base of the weight-only quantized Linear modules.
+
+    Subclasses register their quantized tensors as buffers and implement the classmethods
+    `from_float` and `empty`, plus `forward`, `dequantize`, `shard` and `spec`.
+
+    Attributes:
+        in_features, out_features: the shape of the Linear it replaces (K and N).
+        scheme: the scheme's name in `SCHEMES` ("int8", "fp8", "int4").
+    """
+
+    scheme = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias has shape {list(bias.shape)}, expected [{out_features}]")
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   **options: Any) -> "QuantizedLinear":
+        """Quantize a float weight [out_features, in_features] by round-to-nearest."""
+        raise NotImplementedError
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, device: torch.device | str = "meta",
+              **options: Any) -> "QuantizedLinear":
+        """A module with the right tensor shapes and dtypes but no values (for assign-loading)."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the module computes with, [out_features, in_features], float32."""
+        raise NotImplementedError
+
+    def shard(self, dim: int, index: int, count: int) -> "QuantizedLinear":
+        """Piece `index` of `count` for tensor parallelism.
+
+        dim 0 splits the output rows (with their scales, and the bias); dim 1 splits the input
+        columns, so the pieces' outputs sum to the whole output: the bias then stays on piece 0
+        only. Returns a new module; this one is left as it is.
+        """
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """The scheme name and options, JSON-able: `SCHEMES[spec["scheme"]].empty(..., **options)`
+        rebuilds the module for loading."""
+        return {"scheme": self.scheme}
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype)`, `.half()` and friends convert every floating-point tensor. The quantized
+        # tensors and their scales are part of the format: they follow device moves but keep their
+        # dtype (moved from the original, never converted and back). The bias follows `fn`.
+        for name, tensor in self._buffers.items():
+            if tensor is None:
+                continue
+            moved = fn(tensor)
+            if name != "bias" and moved.dtype != tensor.dtype:
+                moved = tensor.to(moved.device)
+            self._buffers[name] = moved
+        return self
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "scheme")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}" + (f", {options}" if options else ""))
+
+    def _shard_bias(self, dim: int, index: int, count: int) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        if dim == 0:
+            return _piece(self.bias, 0, index, count)
+        return self.bias.clone() if index == 0 else None
+
+
+def _check_shard(module: QuantizedLinear, dim: int, index: int, count: int) -> None:
+    if dim not in (0, 1):
+        raise ValueError(f"shard dim must be 0 (output rows) or 1 (input columns), got {dim}")
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is outside 0..{count - 1}")
+    size = module.out_features if dim == 0 else module.in_features
+    if size % count:
+        what = "out_features" if dim == 0 else "in_features"
+        raise ValueError(f"cannot split {what}={size} into {count} equal pieces")
+
+
+def _piece(tensor: torch.Tensor, dim: int, index: int, count: int) -> torch.Tensor:
+    # A copy, not a view: a view would keep the whole unsharded tensor alive.
+    size = tensor.shape[dim] // count
+    return tensor.narrow(dim, index * size, size).clone(memory_format=torch.contiguous_format)
+
+
+def _per_row_scale(weight: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Symmetric per-output-channel scale absmax / qmax, float32 [N]; all-zero rows get 1."""
+    absmax = weight.abs().amax(dim=1)
+    return torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights, symmetric, one float32 scale per output channel (scale = absmax / 127)."""
+
+    scheme = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        out_features, in_features = qweight.shape
+        super().__init__(in_features, out_features, bias)
+        assert qweight.dtype == torch.int8 and scale.shape == (out_features,)
+        self.register_buffer("qweight", qweight)  # [N, K] int8
+        self.register_buffer("scale", scale)  # [N] float32
+
+    @classmethod
+    def from_float(cls, weight, bias=None):
+        w = weight.detach().float()
+        scale = _per_row_scale(w, 127.0)
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q, scale, None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(cls, in_features, out_features, bias, device="meta"):
+        return cls(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                   torch.empty(out_features, dtype=torch.float32, device=device),
+                   torch.empty(out_features, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
+
+    def dequantize(self):
+        return self.qweight.float() * self.scale[:, None]
+
+    def shard(self, dim, index, count):
+        _check_shard(self, dim, index, count)
+        if dim == 0:
+            return Int8Linear(_piece(self.qweight, 0, index, count), _piece(self.scale, 0, index, count),
+                              self._shard_bias(dim, index, count))
+        return Int8Linear(_piece(self.qweight, 1, index, count), self.scale.clone(),
+                          self._shard_bias(dim, index, count))
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device `index` (cached)."""
+    return torch.cuda.get_device_capability(index)
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Refuse fp8 weights on a CUDA GPU without fp8 support (compute capability < 8.9).
+
+    CPUs compute fp8 layers with the dequantizing reference, so they pass.
+
+    Raises:
+        RuntimeError: with the fix (use int8) in the message.
+    """
+    if device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = cuda_capability(index)
+    if capability < FP8_MIN_CAPABILITY:
+        raise RuntimeError(
+            f"fp8 weights need an NVIDIA GPU with compute capability >= 8.9 (Ada or Hopper); "
+            f"cuda:{index} has {capability[0]}.{capability[1]}. Use --quant int8 (same memory, "
+            "supported on every GPU) instead")
+
+
+class Fp8Linear(QuantizedLinear):
+    """float8 e4m3 weights with one float32 scale per output channel (scale = absmax / 448)."""
+
+    scheme = "fp8"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        out_features, in_features = qweight.shape
+        super().__init__(in_features, out_features, bias)
+        assert qweight.dtype == torch.float8_e4m3fn and scale.shape == (out_features,)
+        self.register_buffer("qweight", qweight)  # [N, K] float8_e4m3fn
+        self.register_buffer("scale", scale)  # [N] float32
+
+    @classmethod
+    def from_float(cls, weight, bias=None):
+        check_fp8_device(weight.device)
+        w = weight.detach().float()
+        scale = _per_row_scale(w, FP8_MAX)
+        q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return cls(q, scale, None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(cls, in_features, out_features, bias, device="meta"):
+        return cls(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device),
+                   torch.empty(out_features, dtype=torch.float32, device=device),
+                   torch.empty(out_features, device=device) if bias else None)
+
+    def _apply(self, fn, recurse=True):
+        # Checked where the weights land (.to / .cuda), not in forward: the hot path stays free of
+        # Python checks that would break torch.compile graphs.
+        module = super()._apply(fn, recurse)
+        check_fp8_device(self.qweight.device)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.fp8_linear(x, self.qweight, self.scale, self.bias)
+
+    def dequantize(self):
+        return self.qweight.float() * self.scale[:, None]
+
+    def shard(self, dim, index, count):
+        _check_shard(self, dim, index, count)
+        if dim == 0:
+            return Fp8Linear(_piece(self.qweight, 0, index, count), _piece(self.scale, 0, index, count),
+                             self._shard_bias(dim, index, count))
+        return Fp8Linear(_piece(self.qweight, 1, index, count), self.scale.clone(),
+                         self._shard_bias(dim, index, count))
+
+
+def check_group_size(in_features: int, group_size: int, name: str | None = None) -> None:
+    """ValueError unless `group_size` is supported and divides the layer width (`name`, if given,
+    starts the message)."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                         f"got {group_size}")
+    if in_features % group_size:
+        fits = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+        hint = (f"use --group-size {' or '.join(map(str, fits))}" if fits
+                else "int4 cannot quantize this layer; use int8 or fp8")
+        where = f"{name}: " if name else ""
+        raise ValueError(f"{where}in_features {in_features} is not a multiple of the int4 group size "
+                         f"{group_size}; {hint}")
+
+
+def int4_group_params(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit grid of each row of `weight` [N, G] (one group per row).
+
+    Returns:
+        scale, zero: float32 [N]. scale = (max - min) / 15, zero = -min / scale (unrounded);
+        constant groups get scale 1 (any positive scale represents them exactly).
+    """
+    low, high = weight.amin(dim=1), weight.amax(dim=1)
+    scale = (high - low) / 15.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, -low / scale
+
+
+def int4_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """q = clamp(round(w / scale + zero), 0, 15) with scale and zero broadcast against weight."""
+    return torch.round(weight / scale + zero).clamp_(0, 15)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] integer codes 0..15 -> uint8 [N, K/2], low nibble = even k."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 codes [N, K] (inverse of `pack_int4`)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit weights, asymmetric, one float32 scale and zero point per group of `group_size`
+    consecutive input columns of each output row."""
+
+    scheme = "int4"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None):
+        out_features, half = qweight.shape
+        super().__init__(2 * half, out_features, bias)
+        self.group_size = group_size
+        n_groups = self.in_features // group_size
+        assert qweight.dtype == torch.uint8 and scale.shape == zero.shape == (out_features, n_groups)
+        self.register_buffer("qweight", qweight)  # [N, K/2] uint8
+        self.register_buffer("scale", scale)  # [N, K/G] float32
+        self.register_buffer("zero", zero)  # [N, K/G] float32
+
+    @classmethod
+    def from_float(cls, weight, bias=None, group_size=128):
+        out_features, in_features = weight.shape
+        check_group_size(in_features, group_size)
+        groups = weight.detach().float().reshape(-1, group_size)  # [N * K/G, G]
+        scale, zero = int4_group_params(groups)
+        codes = int4_codes(groups, scale[:, None], zero[:, None]).reshape(out_features, in_features)
+        shape = (out_features, in_features // group_size)
+        return cls(pack_int4(codes), scale.reshape(shape), zero.reshape(shape), group_size,
+                   None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(cls, in_features, out_features, bias, device="meta", group_size=128):
+        check_group_size(in_features, group_size)
+        groups = in_features // group_size
+        return cls(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                   torch.empty(out_features, groups, dtype=torch.float32, device=device),
+                   torch.empty(out_features, groups, dtype=torch.float32, device=device), group_size,
+                   torch.empty(out_features, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias)
+
+    def dequantize(self):
+        codes = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
+        weight = (codes - self.zero[..., None]) * self.scale[..., None]
+        return weight.reshape(self.out_features, self.in_features)
+
+    def shard(self, dim, index, count):
+        _check_shard(self, dim, index, count)
+        if dim == 1 and (self.in_features // count) % self.group_size:
+            raise ValueError(f"cannot split in_features={self.in_features} into {count} pieces at int4 "
+                             f"group boundaries (group size {self.group_size}); each piece needs a "
+                             "multiple of the group size")
+        return Int4Linear(_piece(self.qweight, dim, index, count), _piece(self.scale, dim, index, count),
+                          _piece(self.zero, dim, index, count), self.group_size,
+                          self._shard_bias(dim, index, count))
+
+    def spec(self):
+        return {"scheme": self.scheme, "group_size": self.group_size}
+
+
+SCHEMES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "fp8": Fp8Linear, "int4": Int4Linear}

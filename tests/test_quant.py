@@ -1,0 +1,562 @@
+"""Weight-only quantization: schemes, GPTQ, the model transform, quantized checkpoints, perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from gguf_fixtures import tiny_config
+
+
+def _install_reference_kernels() -> None:
+    """Stand-in for tachylm.kernels.quant_matmul (written separately) while it does not exist yet:
+    the canonical-layout reference math, nothing more."""
+
+    def int8_linear(x, qweight, scale, bias=None):
+        return F.linear(x, (qweight.float() * scale[:, None]).to(x.dtype), bias)
+
+    def int4_linear(x, qweight, scale, zero, group_size, bias=None):
+        codes = torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1, group_size)
+        weight = ((codes.float() - zero[..., None]) * scale[..., None]).reshape(qweight.shape[0], -1)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    package = types.ModuleType("tachylm.kernels")
+    package.__path__ = []
+    module = types.ModuleType("tachylm.kernels.quant_matmul")
+    module.int8_linear = module.int8_linear_ref = int8_linear
+    module.fp8_linear = module.fp8_linear_ref = int8_linear  # same math with an fp8 qweight
+    module.int4_linear = module.int4_linear_ref = int4_linear
+    package.quant_matmul = module
+    sys.modules.update({"tachylm.kernels": package, "tachylm.kernels.quant_matmul": module})
+
+
+if importlib.util.find_spec("tachylm.kernels") is None or (
+        importlib.util.find_spec("tachylm.kernels.quant_matmul") is None):
+    _install_reference_kernels()
+
+from tachylm.build import build_random_model  # noqa: E402
+from tachylm.checkpoints import CheckpointError  # noqa: E402
+from tachylm.evaluate import perplexity, sliding_windows  # noqa: E402
+from tachylm.model import Transformer  # noqa: E402
+from tachylm.quant import (SCHEMES, Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear,  # noqa: E402
+                           apply_quant_option, linear_names, prepare_for_quantized_load, quantize_model,
+                           quantized_modules)
+from tachylm.quant import schemes  # noqa: E402
+from tachylm.quant.gptq import calibration_windows, gptq_int4  # noqa: E402
+from tachylm.quant.io import is_quantized_folder, load_quantized, save_quantized  # noqa: E402
+
+EVAL_TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "eval.txt")
+CALIB_TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "calib.txt")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _weight(n_out=48, n_in=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, n_in, generator=g) * 0.05
+    w[3, 7] = 0.9  # an outlier stretches one row's (and one group's) scale
+    w[5] = 0.0  # an all-zero row / groups
+    return w
+
+
+def _tiny_model(tie=True, family="llama", seed=0):
+    config = tiny_config(family, tie_embeddings=tie)
+    return build_random_model(config, dtype=torch.float32, seed=seed, std=0.1)
+
+
+# -- schemes ------------------------------------------------------------------------------------
+
+
+def test_int8_round_trip_within_half_a_step():
+    w = _weight()
+    module = Int8Linear.from_float(w)
+    assert module.qweight.dtype == torch.int8 and module.scale.dtype == torch.float32
+    assert torch.allclose(module.scale[3], torch.tensor(0.9 / 127))
+    error = (module.dequantize() - w).abs()
+    assert (error <= module.scale[:, None] / 2 * (1 + 1e-5)).all()
+    assert torch.equal(module.dequantize()[5], torch.zeros(128))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_round_trip_within_half_a_step_per_group(group_size):
+    w = _weight()
+    module = Int4Linear.from_float(w, group_size=group_size)
+    assert module.qweight.shape == (48, 64) and module.qweight.dtype == torch.uint8
+    assert module.scale.shape == module.zero.shape == (48, 128 // group_size)
+    error = (module.dequantize() - w).abs().reshape(48, -1, group_size)
+    assert (error <= module.scale[..., None] / 2 + 1e-6).all()
+    # Each group's extremes sit exactly on the grid (unrounded zero point).
+    deq = module.dequantize().reshape(48, -1, group_size)
+    groups = w.reshape(48, -1, group_size)
+    assert torch.allclose(deq.amax(-1), groups.amax(-1), atol=1e-6)
+    assert torch.allclose(deq.amin(-1), groups.amin(-1), atol=1e-6)
+
+
+def test_int4_packing_low_nibble_is_even_column():
+    codes = torch.tensor([[1, 2, 15, 0]])
+    packed = schemes.pack_int4(codes)
+    assert packed.tolist() == [[1 | 2 << 4, 15]]
+    assert torch.equal(schemes.unpack_int4(packed), codes.to(torch.uint8))
+
+
+def test_fp8_round_trip_within_e4m3_precision():
+    w = _weight()
+    module = Fp8Linear.from_float(w)
+    assert module.qweight.dtype == torch.float8_e4m3fn
+    error = (module.dequantize() - w).abs()
+    # 3 mantissa bits: half a unit in the last place is 2^-4 relative; below the smallest normal
+    # (2^-6 in scaled units) the spacing is 2^-9, so absolute 2^-10 * scale.
+    bound = w.abs() * 2.0 ** -4 + module.scale[:, None] * 2.0 ** -10
+    assert (error <= bound * (1 + 1e-5)).all()
+    assert torch.allclose(module.dequantize()[3, 7], torch.tensor(0.9))  # absmax is exact
+
+
+@pytest.mark.parametrize("scheme, options", [("int8", {}), ("fp8", {}), ("int4", {"group_size": 32})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_matches_dequantized_linear(scheme, options, dtype):
+    w, bias = _weight(), torch.randn(48) * 0.1
+    module = SCHEMES[scheme].from_float(w, bias.to(dtype), **options)
+    x = torch.randn(2, 3, 128).to(dtype)
+    expected = F.linear(x.float(), module.dequantize(), bias.to(dtype).float())
+    out = module(x)
+    assert out.shape == (2, 3, 48) and out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def test_int4_width_not_divisible_by_group_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"in_features 96 is not a multiple of the int4 group size 64.*32"):
+        Int4Linear.from_float(torch.randn(8, 96), group_size=64)
+    with pytest.raises(ValueError, match="group size must be one of"):
+        Int4Linear.from_float(torch.randn(8, 96), group_size=48)
+    model = _tiny_model()  # dim 64
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.qkv_proj: in_features 64 .* group size 128"):
+        quantize_model(model, "int4", group_size=128)
+    assert not quantized_modules(model)  # checked before anything was swapped
+
+
+@pytest.mark.parametrize("scheme, options", [("int8", {}), ("fp8", {}), ("int4", {"group_size": 32})])
+def test_shard_rows_and_columns(scheme, options):
+    w, bias = _weight(n_out=48, n_in=128), torch.randn(48)
+    module = SCHEMES[scheme].from_float(w, bias, **options)
+    x = torch.randn(5, 128)
+    full = module(x)
+    rows = [module.shard(0, i, 4) for i in range(4)]
+    assert all(r.out_features == 12 and r.in_features == 128 for r in rows)
+    torch.testing.assert_close(torch.cat([r(x) for r in rows], dim=-1), full)
+    columns = [module.shard(1, i, 2) for i in range(2)]
+    assert columns[0].bias is not None and columns[1].bias is None  # added once, by piece 0
+    pieces = x.split(64, dim=-1)
+    torch.testing.assert_close(sum(c(p) for c, p in zip(columns, pieces)), full, atol=1e-5, rtol=1e-5)
+    assert columns[0].qweight.is_contiguous()
+    with pytest.raises(ValueError, match="equal pieces"):
+        module.shard(0, 0, 5)
+
+
+def test_int4_column_shard_only_at_group_boundaries():
+    module = Int4Linear.from_float(_weight(n_in=128), group_size=64)
+    assert module.shard(1, 1, 2).scale.shape == (48, 1)
+    with pytest.raises(ValueError, match="group boundaries"):
+        module.shard(1, 0, 4)  # 32 columns per piece, groups of 64
+
+
+def test_shard_works_on_meta_modules():
+    module = Int4Linear.empty(128, 48, bias=True, group_size=32)
+    piece = module.shard(0, 1, 2)
+    assert piece.qweight.is_meta and piece.qweight.shape == (24, 64) and piece.bias.shape == (24,)
+
+
+def test_dtype_casts_leave_quantized_tensors_alone():
+    model = _tiny_model(family="qwen2")  # q/k/v bias
+    quantize_model(model, "fp8", include_head=True)
+    model.to(torch.bfloat16)
+    qkv = model.layers[0].attn.qkv_proj
+    assert qkv.qweight.dtype == torch.float8_e4m3fn and qkv.scale.dtype == torch.float32
+    assert qkv.bias.dtype == torch.bfloat16 and model.embed.weight.dtype == torch.bfloat16
+    assert model(torch.randint(0, 100, (1, 5))).isfinite().all()
+
+
+def test_fp8_on_a_gpu_without_fp8_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(schemes, "cuda_capability", lambda index: (8, 0))
+    with pytest.raises(RuntimeError, match=r"compute capability >= 8\.9.*8\.0.*int8"):
+        schemes.check_fp8_device(torch.device("cuda", 0))
+    monkeypatch.setattr(schemes, "cuda_capability", lambda index: (9, 0))
+    schemes.check_fp8_device(torch.device("cuda", 0))
+    schemes.check_fp8_device(torch.device("cpu"))  # the CPU computes through the reference
+
+    def refuse(device):
+        raise RuntimeError(f"no fp8 on {device}")
+
+    module = Fp8Linear.from_float(_weight())
+    monkeypatch.setattr(schemes, "check_fp8_device", refuse)
+    with pytest.raises(RuntimeError, match="no fp8 on cpu"):  # moving a module checks where it lands
+        module.to("cpu")
+
+
+# -- GPTQ ---------------------------------------------------------------------------------------
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    g = torch.Generator().manual_seed(0)
+    n_in, n_out, n_rows = 128, 64, 4096
+    # Inputs with strongly correlated features (a decaying spectrum), as real activations have.
+    mixing = torch.randn(n_in, n_in, generator=g) * torch.logspace(0, -2, n_in)[:, None]
+    x = torch.randn(n_rows, n_in, generator=g) @ mixing
+    w = torch.randn(n_out, n_in, generator=g) * 0.05
+    hessian = 2 * x.T @ x / n_rows
+
+    def error(module):
+        return torch.linalg.norm(x @ w.T - x @ module.dequantize().T).item()
+
+    for group_size in (32, 128):
+        rtn = error(Int4Linear.from_float(w, group_size=group_size))
+        gptq = error(gptq_int4(w, None, hessian, group_size))
+        ordered = error(gptq_int4(w, None, hessian, group_size, act_order=True))
+        assert gptq < 0.8 * rtn and ordered < 0.8 * rtn, (group_size, rtn, gptq, ordered)
+
+
+def test_gptq_output_is_an_ordinary_int4_module():
+    w, bias = _weight(), torch.randn(48)
+    x = torch.randn(512, 128)
+    module = gptq_int4(w, bias, 2 * x.T @ x / 512, 64)
+    assert isinstance(module, Int4Linear) and module.spec() == {"scheme": "int4", "group_size": 64}
+    assert torch.equal(module.bias, bias)
+    # Codes lie on each group's own grid: never more than half a step outside the group range.
+    deq = module.dequantize().reshape(48, 2, 64)
+    assert (deq >= -module.zero[..., None] * module.scale[..., None] - 1e-5).all()
+
+
+def test_calibration_windows():
+    windows = calibration_windows(list(range(100)), n_samples=3, seq_len=20)
+    assert windows.shape == (3, 20)
+    assert windows[0, 0] == 0 and windows[-1, -1] == 99  # spread over the whole text
+    with pytest.raises(ValueError, match=r"has 100 tokens but 8 samples x 20 tokens = 160"):
+        calibration_windows(list(range(100)), n_samples=8, seq_len=20)
+
+
+# -- the model transform --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantize_model_swaps_every_linear(tie):
+    model = _tiny_model(tie=tie)
+    embed = model.embed.weight.clone()
+    tokens = torch.randint(0, 100, (1, 12))
+    reference = model(tokens)
+    lines = []
+    specs = quantize_model(model, "int8", include_head=True, progress=lines.append)
+    assert set(specs) == {f"layers.{i}.{n}" for i in range(2) for n in
+                          ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")} | {"lm_head"}
+    assert not linear_names(model, include_head=True)
+    assert len(lines) == len(specs)
+    assert torch.equal(model.embed.weight, embed)  # the embedding stays float (and untouched)
+    logits = model(tokens)
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_quantize_model_leaves_the_tied_head_by_default():
+    model = _tiny_model(tie=True)
+    quantize_model(model, "int4", group_size=32)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
+
+
+def test_apply_quant_option():
+    model = _tiny_model()
+    assert apply_quant_option(model, None) is model and not quantized_modules(model)
+    with pytest.raises(ValueError, match="offline"):
+        apply_quant_option(model, "int4-gptq")
+    with pytest.raises(ValueError, match="unknown quantization mode 'int3'"):
+        apply_quant_option(model, "int3")
+    apply_quant_option(model, "fp8", device="cpu")
+    assert len(quantized_modules(model)) == 8
+
+
+def test_gptq_model_is_better_than_rtn_on_its_calibration_distribution():
+    torch.manual_seed(0)
+    float_model = _tiny_model(tie=False, seed=1)
+    calibration = torch.randint(0, 100, (32, 32))  # 1024 tokens: H well estimated for widths 64 and 128
+    held_out = torch.randint(0, 100, (4, 32))
+    reference = float_model(held_out)
+
+    def quantized(mode, **kwargs):
+        model = _tiny_model(tie=False, seed=1)
+        quantize_model(model, mode, 32, include_head=True, **kwargs)
+        return (model(held_out) - reference).pow(2).mean().item()
+
+    rtn = quantized("int4")
+    gptq = quantized("int4-gptq", calibration_tokens=calibration)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+    with pytest.raises(ValueError, match="calibration tokens"):
+        quantize_model(_tiny_model(), "int4-gptq", 32)
+
+
+def test_prepare_for_quantized_load_rejects_bad_specs():
+    with torch.device("meta"):
+        model = Transformer(tiny_config())
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int2'"):
+        prepare_for_quantized_load(model, {"layers.0.attn.o_proj": {"scheme": "int2"}})
+    with pytest.raises(ValueError, match="not a Linear"):
+        prepare_for_quantized_load(model, {"layers.0.attn_norm": {"scheme": "int8"}})
+    prepare_for_quantized_load(model, {"layers.0.attn.o_proj": {"scheme": "int4", "group_size": 32}})
+    assert isinstance(model.layers[0].attn.o_proj, QuantizedLinear)
+    assert model.layers[0].attn.o_proj.qweight.is_meta
+
+
+# -- quantized checkpoints ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, tie, head, family", [
+    ("int8", True, False, "llama"), ("int8", True, True, "qwen2"), ("fp8", False, True, "llama"),
+    ("int4", False, False, "qwen3"), ("int4-gptq", True, True, "llama")])
+def test_quantize_save_load_identical_logits(tmp_path, mode, tie, head, family):
+    model = _tiny_model(tie=tie, family=family)
+    calibration = torch.randint(0, 100, (4, 16)) if mode == "int4-gptq" else None
+    quantize_model(model, mode, 32, include_head=head, calibration_tokens=calibration)
+    save_quantized(model, tmp_path, mode=mode)
+    assert is_quantized_folder(tmp_path) and not is_quantized_folder(tmp_path / "model.safetensors")
+    meta = json.loads((tmp_path / "quantization.json").read_text())
+    assert meta["mode"] == mode and meta["include_head"] == head and meta["dtype"] == "float32"
+    loaded = load_quantized(tmp_path, device="cpu", dtype=torch.float32)
+    tokens = torch.randint(0, 100, (2, 10))
+    assert torch.equal(loaded(tokens), model(tokens))
+    assert (getattr(loaded.lm_head, "weight", None) is loaded.embed.weight) == (tie and not head)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+def test_save_in_bfloat16_keeps_quantized_tensors_exact(tmp_path):
+    model = _tiny_model()
+    quantize_model(model, "int4", 32)
+    save_quantized(model, tmp_path, mode="int4", dtype=torch.bfloat16)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert stored["embed.weight"].dtype == torch.bfloat16
+    assert stored["layers.0.attn.qkv_proj.scale"].dtype == torch.float32
+    loaded = load_quantized(tmp_path, dtype=torch.bfloat16)
+    assert torch.equal(loaded.layers[1].mlp.down_proj.qweight, model.layers[1].mlp.down_proj.qweight)
+    assert loaded.embed.weight.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _tiny_model()
+    quantize_model(model, "int4", 32)
+    save_quantized(model, tmp_path, mode="int4")
+    return tmp_path
+
+
+def _rewrite(folder, change):
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, folder / "model.safetensors")
+
+
+def test_truncated_weights_are_a_checkpoint_error(saved):
+    path = saved / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupted or truncated"):
+        load_quantized(saved)
+
+
+def test_wrong_dtype_is_a_checkpoint_error(saved):
+    _rewrite(saved, lambda s: s.update({"layers.1.mlp.down_proj.scale":
+                                        s["layers.1.mlp.down_proj.scale"].half()}))
+    with pytest.raises(CheckpointError, match=r"'layers\.1\.mlp\.down_proj\.scale' has dtype torch\.float16, "
+                                              r"expected torch\.float32"):
+        load_quantized(saved)
+
+
+def test_wrong_shape_missing_and_extra_tensors_are_checkpoint_errors(saved):
+    _rewrite(saved, lambda s: s.update({"layers.0.attn.o_proj.zero": s["layers.0.attn.o_proj.zero"][:, :1].clone()}))
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.o_proj\.zero' has shape \[64, 1\]"):
+        load_quantized(saved)
+    _rewrite(saved, lambda s: s.pop("layers.0.attn.o_proj.zero"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) \['layers\.0\.attn\.o_proj\.zero'\]"):
+        load_quantized(saved)
+    _rewrite(saved, lambda s: s.update({"layers.0.attn.o_proj.zero": torch.zeros(64, 2),
+                                        "layers.0.attn.o_proj.weight": torch.zeros(64, 64)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) \['layers\.0\.attn\.o_proj\.weight'\]"):
+        load_quantized(saved)
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing"):
+        load_quantized(saved)
+
+
+def _edit_module(name, **changes):
+    return lambda meta: meta["modules"][name].update(changes)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta.update(format_version=7), "format version 7"),
+    (_edit_module("layers.1.mlp.down_proj", scheme="int3"), "unknown quantization scheme 'int3'"),
+    (_edit_module("layers.0.attn.o_proj", group_size=48), "group size must be one of"),
+    (_edit_module("layers.0.attn.o_proj", group_size=64), r"attn\.o_proj\.scale' has shape \[64, 2\]"),
+    (lambda meta: meta["config"].update(n_layerz=2), "unknown config field"),
+    (lambda meta: meta["config"].update(n_heads=3), "invalid model config"),
+    (lambda meta: meta.pop("modules"), r"missing key\(s\) \['modules'\]"),
+    (lambda meta: meta["modules"].update({"layers.0.mlp": {"scheme": "int8"}}), "not a Linear"),
+])
+def test_bad_quantization_json_is_a_checkpoint_error(saved, edit, message):
+    path = saved / "quantization.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_quantized(saved)
+    assert "quantization.json" in str(error.value) or "model.safetensors" in str(error.value)
+
+
+def test_quantization_json_that_is_not_json_is_a_checkpoint_error(saved):
+    path = saved / "quantization.json"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(CheckpointError, match=r"quantization\.json: not valid JSON"):
+        load_quantized(saved)
+
+
+def test_save_refuses_a_float_model(tmp_path):
+    with pytest.raises(ValueError, match="no quantized modules"):
+        save_quantized(_tiny_model(), tmp_path, mode="int8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_checkpoint_moves_between_cpu_and_cuda(tmp_path):
+    model = _tiny_model()
+    quantize_model(model, "int4", 32, include_head=True)
+    save_quantized(model, tmp_path / "cpu", mode="int4")
+    on_gpu = load_quantized(tmp_path / "cpu", device="cuda")
+    tokens = torch.randint(0, 100, (2, 10))
+    torch.testing.assert_close(on_gpu(tokens.cuda()).cpu(), model(tokens), atol=1e-3, rtol=1e-3)
+    save_quantized(on_gpu, tmp_path / "gpu", mode="int4")
+    back = load_quantized(tmp_path / "gpu", device="cpu")
+    assert torch.equal(back(tokens), model(tokens))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_model_quantized_on_cuda():
+    calibration = torch.randint(0, 100, (8, 16))
+    on_cpu, host = _tiny_model(), _tiny_model()
+    quantize_model(on_cpu, "int4-gptq", 32, include_head=True, calibration_tokens=calibration)
+    quantize_model(host, "int4-gptq", 32, include_head=True, calibration_tokens=calibration, device="cuda")
+    assert all(t.device.type == "cpu" for t in host.state_dict().values())  # blocks went back home
+    for (name, expected), got in zip(quantized_modules(on_cpu).items(), quantized_modules(host).values()):
+        same = (expected.qweight == got.qweight).float().mean().item()
+        assert same > (0.99 if name == "lm_head" else 0.999), name  # rounding ties may flip a few codes
+    rtn = _tiny_model()
+    apply_quant_option(rtn, "int8", device="cuda")
+    assert all(t.device.type == "cuda" for t in rtn.state_dict().values())
+
+
+# -- perplexity -----------------------------------------------------------------------------------
+
+
+def _scored(n, window, stride):
+    scored = []
+    for begin, end, n_scored in sliding_windows(n, window, stride):
+        assert end - begin <= window and n_scored <= end - begin - 1
+        scored += range(end - n_scored, end)
+    return scored
+
+
+def test_sliding_windows_score_every_token_once():
+    for n, window, stride in [(20, 8, 4), (21, 8, 3), (5, 8, 4), (9, 8, 1), (8, 8, 8)]:
+        assert _scored(n, window, stride) == list(range(1, n)), (n, window, stride)
+    # Non-overlapping windows cannot predict their first token from inside the window.
+    assert _scored(20, 8, 8) == [t for t in range(1, 20) if t not in (8, 16)]
+
+
+def test_perplexity_is_exp_mean_nll():
+    model = _tiny_model()
+    tokens = torch.randint(0, 100, (24,))
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(tokens[None])[0, :-1].double(), dim=-1)
+    nll = -log_probs[torch.arange(23), tokens[1:]].mean().item()
+    assert math.isclose(perplexity(model, tokens, window=24, stride=24), math.exp(nll), rel_tol=1e-6)
+    assert math.isclose(perplexity(model, tokens.tolist(), window=64, stride=64), math.exp(nll), rel_tol=1e-6)
+    # Windows of 16 every 4 tokens: the first 15 predictions are the full forward's, the other 8
+    # see 12 to 15 tokens of context instead of up to 23.
+    sliding = perplexity(model, tokens, window=16, stride=4)
+    assert sliding != math.exp(nll) and math.isclose(sliding, math.exp(nll), rel_tol=0.1)
+    lines = []
+    batched = perplexity(model, tokens, window=16, stride=4, batch_size=3, progress=lines.append)
+    assert math.isclose(batched, sliding, rel_tol=1e-5) and lines
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, tokens, window=8, stride=9)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(model, tokens[:1])
+
+
+# -- the real model (slow) ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm_path():
+    from tachylm.checkpoints.resolve import DEFAULT_MODEL, resolve_model
+
+    try:
+        return resolve_model(DEFAULT_MODEL, allow_download=False)
+    except (ValueError, RuntimeError) as e:
+        pytest.skip(f"default model not available: {e}")
+
+
+def _quant_cli(argv):
+    from tachylm.cli_quant import add_quant_parsers
+
+    parser = argparse.ArgumentParser(prog="tachylm")
+    add_quant_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.slow
+def test_data_texts_are_long_enough_and_different(smollm_path):
+    from tachylm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm_path)
+    eval_text, calib_text = open(EVAL_TEXT).read(), open(CALIB_TEXT).read()
+    assert len(tokenizer.encode(eval_text)) >= 2000
+    assert len(tokenizer.encode(calib_text)) >= 2048
+    assert not set(eval_text.split("\n\n")) & set(calib_text.split("\n\n"))
+
+
+@pytest.mark.slow
+def test_cli_quantize_int8_then_eval(smollm_path, tmp_path, capsys):
+    out, text = tmp_path / "int8", tmp_path / "short.txt"
+    text.write_text(open(EVAL_TEXT).read()[:4000])  # about 800 tokens: enough to see a broken model
+    assert _quant_cli(["quantize", smollm_path, "--mode", "int8", "-o", str(out), "--device", "cpu",
+                       "--dtype", "float32", "--eval-text", str(text), "--window", "256"]) == 0
+    stdout = capsys.readouterr().out
+    delta = float(stdout.rsplit("(", 1)[1].split("%")[0])
+    assert abs(delta) < 2.0, stdout
+    # The folder carries the tokenizer: it loads, tokenizes and chats like the source.
+    from tachylm.tokenizer import load_tokenizer
+
+    source, copy = load_tokenizer(smollm_path), load_tokenizer(out)
+    sample = "Hello <|im_start|>user 12345, naïve café!\n"
+    assert copy.encode(sample) == source.encode(sample)
+    assert (copy.stop_ids, copy.bos_id, copy.eos_id, copy.add_bos, copy.chat_template) == (
+        source.stop_ids, source.bos_id, source.eos_id, source.add_bos, source.chat_template)
+    assert _quant_cli(["eval", "perplexity", str(out), "--text", str(text), "--device", "cpu",
+                       "--window", "256", "--stride", "256"]) == 0
+    assert capsys.readouterr().out.startswith("perplexity ")
+
+
+@pytest.mark.slow
+def test_cli_errors(smollm_path, tmp_path):
+    with pytest.raises(ValueError, match="needs --calib"):
+        _quant_cli(["quantize", smollm_path, "--mode", "int4-gptq", "-o", str(tmp_path)])
+    with pytest.raises(ValueError, match="same"):
+        _quant_cli(["quantize", smollm_path, "--mode", "int4-gptq", "--calib", EVAL_TEXT, "-o", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"in_features 576 is not a multiple of the int4 group size 128.*32 or 64"):
+        _quant_cli(["quantize", smollm_path, "--mode", "int4", "-o", str(tmp_path), "--device", "cpu",
+                    "--no-eval"])
