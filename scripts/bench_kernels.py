@@ -1,14 +1,17 @@
-"""Benchmark the weight-only quantized linear kernels at Llama-3.1-8B shapes on a CUDA GPU.
+"""Benchmark the decode linear kernels (quantized and dense) at Llama-3.1-8B shapes on a CUDA GPU.
 
-    PYTHONPATH=src python3 scripts/bench_kernels.py [--shapes qkv,o] [--schemes int8,int4] [--m 1,8]
-                                                    [--variants]
+    PYTHONPATH=src python3 scripts/bench_kernels.py [--shapes qkv,o] [--schemes dense,int8]
+                                                    [--m 1,8] [--variants]
 
-For each matrix shape, decode row count M and scheme (int8, fp8, int4 with groups of 128) it checks
-the dispatcher (`tachylm.kernels.quant_matmul.*_linear`) against a float64 reference, then times it
-and reports the weight bandwidth it reaches: bytes of weights + scales (+ zero points) over the
-median time. Next to it: the bf16 `F.linear` at the same shape, and the device-to-device copy
-bandwidth measured in this process (bytes read + written), which is the practical speed limit.
-Prefill (M = 1024) compares the dispatcher's dequantize + cuBLAS path with bf16 `F.linear`.
+For each matrix shape, decode row count M and scheme (dense bf16, int8, fp8, int4 with groups of
+128) it checks the dispatcher (`tachylm.kernels.quant_matmul.*_linear`) against a float64
+reference, then times it and reports the weight bandwidth it reaches: bytes of weights + scales
+(+ zero points) over the median time. Next to it: the bf16 `F.linear` (cuBLAS) at the same shape,
+its bandwidth, the ratio of the two times, and the device-to-device copy bandwidth measured in
+this process (bytes read + written), which is the practical speed limit. `dense` is
+`dense_linear` on the same bf16 weights as `F.linear`: its ratio is the gain of the Triton GEMV
+over cuBLAS. Prefill (M = 1024) compares the quantized dispatchers' dequantize + cuBLAS path with
+bf16 `F.linear` (dense prefill is `F.linear` itself, so it is not listed).
 
 Timing: `triton.testing.do_bench_cudagraph` (median of graph replays, as decode runs under CUDA
 graphs) of a function that calls the layer once per weight copy, with enough copies (>= 256 MB in
@@ -39,8 +42,9 @@ SHAPES = {  # name: (N out features, K in features) of one Llama-3.1-8B layer, a
     "down": (4096, 14336),
     "head": (128256, 4096),
 }
-SCHEMES = ("int8", "fp8", "int4")
+SCHEMES = ("dense", "int8", "fp8", "int4")
 GROUP = 128
+N_LAYERS = 32  # Llama-3.1-8B, for the per-token projection
 ROTATE_BYTES = 256 * 2**20  # weight copies per measurement: at least this many bytes in all
 MAX_COPIES = 16
 PREFILL_M = 1024
@@ -50,7 +54,7 @@ DEVICE = "cuda"
 
 def weight_bytes(scheme: str, n: int, k: int) -> int:
     """Bytes a GEMV must read for the weights: codes plus scales (plus zero points)."""
-    if scheme == "bf16":
+    if scheme in ("bf16", "dense"):
         return 2 * n * k
     if scheme == "int4":
         return n * k // 2 + 2 * 4 * n * (k // GROUP)
@@ -82,11 +86,15 @@ def layer(scheme: str):
         return lambda x, w: qm.fp8_linear(x, *w)
     if scheme == "int4":
         return lambda x, w: qm.int4_linear(x, w[0], w[1], w[2], GROUP)
+    if scheme == "dense":
+        return lambda x, w: qm.dense_linear(x, w[0])
     return lambda x, w: F.linear(x, w[0])
 
 
 def reference(scheme: str, x: torch.Tensor, w: tuple) -> torch.Tensor:
-    if scheme == "int8":
+    if scheme == "dense":
+        dq = w[0]
+    elif scheme == "int8":
         dq = qm.dequantize_int8(*w)
     elif scheme == "fp8":
         dq = qm.dequantize_fp8(*w)
@@ -122,14 +130,14 @@ def n_copies(nbytes: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / nbytes)))
 
 
-SCHEME_IDS = {"int8": qm.INT8, "fp8": qm.FP8, "int4": qm.INT4}
+SCHEME_IDS = {"int8": qm.INT8, "fp8": qm.FP8, "int4": qm.INT4, "dense": qm.DENSE}
 
 
 def chosen_config(scheme: str, m: int, kind: str = "") -> str:
     """The autotuner's pick for the last shape it ran (after a call of that shape)."""
-    if m > qm.GEMV_MAX_M:
-        return "dequantize+cuBLAS"
     scheme_id = SCHEME_IDS[scheme]
+    if not kind and not qm._gemv_applies(scheme_id, m, torch.bfloat16):
+        return "cuBLAS" if scheme == "dense" else "dequantize+cuBLAS"
     kind = kind or qm._kernel_kind(scheme_id, m)
     config = qm._tuned_kernel(scheme_id, kind, GROUP if scheme == "int4" else 0).best_config
     kw = config.kwargs
@@ -138,8 +146,9 @@ def chosen_config(scheme: str, m: int, kind: str = "") -> str:
 
 
 def variant_layer(scheme: str):
-    """int8/fp8 through the tensor-core kernel even for M == 1 (the dispatcher takes the m1 one)."""
-    return lambda x, w: qm._gemv(SCHEME_IDS[scheme], x, w[0], w[1], None, 0, None, kind="dot")
+    """int8/fp8/dense through the tensor-core kernel even for M == 1 (the dispatcher takes m1)."""
+    return lambda x, w: qm._gemv(SCHEME_IDS[scheme], x, w[0], w[1] if len(w) > 1 else None, None,
+                                 0, None, kind="dot")
 
 
 def bench_shape(name: str, n: int, k: int, schemes: list, ms: list, copy_gbps: float,
@@ -161,7 +170,8 @@ def bench_shape(name: str, n: int, k: int, schemes: list, ms: list, copy_gbps: f
             runs.append((1, f"{scheme}/dot", variant_layer(scheme), "dot"))
         for m, label, call, kind in runs:
             row = {"shape": name, "N": n, "K": k, "M": m, "scheme": label, "bytes": nbytes,
-                   "bf16_us": bf16_us[m], "limit_us": nbytes / (copy_gbps * 1e3)}
+                   "bf16_us": bf16_us[m], "limit_us": nbytes / (copy_gbps * 1e3),
+                   "bf16_GBps": weight_bytes("bf16", n, k) / (bf16_us[m] * 1e3)}
             try:
                 x = x_by_m[m]
                 out = call(x, copies[0])  # first call of the shape: autotunes
@@ -176,6 +186,9 @@ def bench_shape(name: str, n: int, k: int, schemes: list, ms: list, copy_gbps: f
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
             print(format_row(row), flush=True)
+        if scheme == "dense":  # prefill-sized x: dense_linear is F.linear itself
+            del copies
+            continue
         call = layer(scheme)
         entry = {"shape": name, "N": n, "K": k, "M": PREFILL_M, "scheme": scheme,
                  "bf16_us": bf16_prefill_us}
@@ -200,9 +213,10 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{head} ERROR {r['error']}"
     ok = "ok " if r["rel_err"] < TOLERANCE else "BAD"
-    return (f"{head} {r['us']:8.1f} us {r['GBps']:7.0f} GB/s {r['pct_of_copy']:5.1f}% of copy "
-            f"(limit {r['limit_us']:7.1f} us)  bf16 {r['bf16_us']:8.1f} us  "
-            f"x{r['speedup_vs_bf16']:4.2f}  err {r['rel_err']:.1e} {ok} [{r['config']}]")
+    return (f"{head} {r['us']:8.1f} us {r['GBps']:5.0f} GB/s {r['pct_of_copy']:5.1f}% of copy "
+            f"(limit {r['limit_us']:7.1f} us)  bf16 F.linear {r['bf16_us']:8.1f} us "
+            f"{r['bf16_GBps']:5.0f} GB/s  x{r['speedup_vs_bf16']:4.2f}  err {r['rel_err']:.1e} "
+            f"{ok} [{r['config']}]")
 
 
 def format_prefill(r: dict) -> str:
@@ -216,10 +230,11 @@ def format_prefill(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
-    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--schemes", default=",".join(SCHEMES),
+                        help=f"comma-separated subset of {','.join(SCHEMES)}")
     parser.add_argument("--m", default="1,8,16", help="decode row counts")
     parser.add_argument("--variants", action="store_true",
-                        help="also time int8/fp8 at M = 1 through the tensor-core kernel")
+                        help="also time int8/fp8/dense at M = 1 through the tensor-core kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -228,6 +243,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
     schemes = args.schemes.split(",")
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise SystemExit(f"unknown schemes {unknown}; choose from {list(SCHEMES)}")
     ms = [int(v) for v in args.m.split(",")]
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -246,24 +264,36 @@ def main() -> None:
     elapsed = time.time() - t0
 
     print(f"\n=== decode GEMV (copy bandwidth {copy_gbps:.0f} GB/s; targets: int8 >= 82%, "
-          f"int4 >= 67% of copy) ===")
+          f"int4 >= 67% of copy, dense ~3200 GB/s; x = F.linear time / this time) ===")
     for r in rows:
         print(format_row(r))
     print(f"\n=== prefill M={PREFILL_M}: dispatcher (dequantize + cuBLAS) vs bf16 F.linear ===")
     for r in prefill:
         print(format_prefill(r))
-    print("\n=== weighted by one 8B layer (qkv + o + gate_up + down), % of copy bandwidth ===")
+    print("\n=== weighted by one 8B layer (qkv + o + gate_up + down), % of copy bandwidth; "
+          f"per decode step (M tokens): {N_LAYERS} layers + head ===")
     for scheme in schemes:
         for m in ms:
-            sel = [r for r in rows if r["scheme"] == scheme and r["M"] == m and "us" in r
-                   and r["shape"] in ("qkv", "o", "gate_up", "down")]
-            if len(sel) == 4:
-                total_bytes = sum(r["bytes"] for r in sel)
-                total_us = sum(r["us"] for r in sel)
-                pct = 100 * total_bytes / (total_us * 1e3) / copy_gbps
-                bf16 = sum(r["bf16_us"] for r in sel)
-                print(f"  {scheme:<5} M={m:<3} {total_us:8.1f} us/layer  {pct:5.1f}% of copy  "
-                      f"x{bf16 / total_us:4.2f} vs bf16")
+            sel = {r["shape"]: r for r in rows
+                   if r["scheme"] == scheme and r["M"] == m and "us" in r}
+            layer_rows = [sel[s] for s in ("qkv", "o", "gate_up", "down") if s in sel]
+            if len(layer_rows) < 4:
+                continue
+            total_bytes = sum(r["bytes"] for r in layer_rows)
+            total_us = sum(r["us"] for r in layer_rows)
+            gbps = total_bytes / (total_us * 1e3)
+            bf16 = sum(r["bf16_us"] for r in layer_rows)
+            bf16_gbps = sum(weight_bytes("bf16", r["N"], r["K"]) for r in layer_rows) / (bf16 * 1e3)
+            line = (f"  {scheme:<5} M={m:<3} {total_us:8.1f} us/layer {gbps:5.0f} GB/s "
+                    f"{100 * gbps / copy_gbps:5.1f}% of copy  x{bf16 / total_us:4.2f} vs bf16 "
+                    f"F.linear ({bf16:7.1f} us, {bf16_gbps:5.0f} GB/s)")
+            if "head" in sel:
+                token_us = N_LAYERS * total_us + sel["head"]["us"]
+                token_bf16 = N_LAYERS * bf16 + sel["head"]["bf16_us"]
+                line += (f"; per step {token_us / 1e3:5.2f} ms of weight reads -> <= "
+                         f"{1e6 / token_us:4.0f} steps/s (bf16 F.linear {token_bf16 / 1e3:5.2f} "
+                         f"ms, {1e6 / token_bf16:4.0f})")
+            print(line)
     print(f"\n(total {elapsed:.0f} s)")
     out_dir = os.environ.get("OUT")
     if out_dir:

@@ -1,10 +1,11 @@
-"""Quantized linear kernels: references against float64, Triton kernels under the interpreter.
+"""Decode linear kernels (quantized and dense): references against float64, Triton interpreted.
 
 The references (the CPU path) are checked against a float64 dequantize + matmul. The Triton
 kernels run under Triton's CPU interpreter, which must be switched on before triton is imported,
 so they run in one child process (this file run as a script) and the tests read its results. The
 inline PTX the GPU uses instead of the plain conversions is checked by emulating it here on every
-byte value. CUDA-only tests (dispatch, torch.compile) run where a GPU is present.
+byte value. FastLinear is checked against nn.Linear on the CPU. CUDA-only tests (dispatch,
+torch.compile with CUDA graphs) run where a GPU is present.
 """
 
 import importlib.util
@@ -18,8 +19,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tachylm.kernels import quant_matmul as qm
+from tachylm.kernels.linear import FastLinear, use_fast_linears
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -50,9 +54,15 @@ def make_int4(n, k, group, gen):
     return q, scale, zero
 
 
+def make_dense(n, k, gen, dtype=torch.bfloat16):
+    return ((torch.randn(n, k, generator=gen) * 0.05).to(dtype),)
+
+
 def oracle(scheme, x, weights, group=0, bias=None):
     """float64 y = x @ w.T + bias, w dequantized element by element without any shortcut."""
-    if scheme == "int4":
+    if scheme == "dense":
+        w = weights[0].double()
+    elif scheme == "int4":
         q, scale, zero = weights
         codes = torch.empty(q.shape[0], 2 * q.shape[1], dtype=torch.float64)
         codes[:, 0::2] = (q & 0xF).double()
@@ -159,18 +169,128 @@ def test_custom_ops_trace_with_fake_tensors():
     q8, s8 = make_int8(24, 64, gen)
     q4, s4, z4 = make_int4(24, 64, 32, gen)
 
-    def layer(x, q8, s8, q4, s4, z4):
+    (w,) = make_dense(24, 64, gen)
+
+    def layer(x, q8, s8, q4, s4, z4, w):
         flat = x.reshape(-1, 64)
         a = torch.ops.tachylm.int8_linear(flat, q8, s8, None)
         b = torch.ops.tachylm.int4_linear(flat, q4, s4, z4, 32, None)
-        return (a + b).reshape(2, 3, 24)
+        c = torch.ops.tachylm.dense_linear(flat, w, None)
+        return (a + b + c).reshape(2, 3, 24)
 
-    graph = make_fx(layer, tracing_mode="fake")(x, q8, s8, q4, s4, z4)
+    graph = make_fx(layer, tracing_mode="fake")(x, q8, s8, q4, s4, z4, w)
     targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
-    assert {"tachylm.int8_linear.default", "tachylm.int4_linear.default"} <= targets
+    assert {"tachylm.int8_linear.default", "tachylm.int4_linear.default",
+            "tachylm.dense_linear.default"} <= targets
     out = [n for n in graph.graph.nodes if n.op == "output"][0].args[0]
     assert tuple(out.meta["val"].shape) == (2, 3, 24)
     assert out.meta["val"].dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense weights: dispatch rules and FastLinear (CPU)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])
+def test_dense_linear_on_cpu_is_f_linear(dtype, tol):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 40, generator=gen).to(dtype)
+    weights = make_dense(24, 40, gen, dtype)
+    bias = torch.randn(24, generator=gen).to(dtype)
+    got = qm.dense_linear(x, *weights, bias)
+    assert torch.equal(got, F.linear(x, *weights, bias))
+    assert torch.equal(qm.dense_linear_ref(x, *weights), F.linear(x, *weights))
+    want = oracle("dense", x.reshape(-1, 40), weights, bias=bias).reshape(2, 3, 24)
+    assert rel_err(got, want) < tol
+
+
+def test_dense_linear_takes_the_kernels_only_where_they_compute_f_linear(monkeypatch):
+    monkeypatch.setattr(qm, "_use_triton", lambda x: True)  # decide as on a GPU
+    applies = qm._dense_gemv_applies
+    bf16 = torch.bfloat16
+    w = torch.randn(24, 64).to(bf16)
+    b = torch.randn(24).to(bf16)
+    x = torch.randn(1, 64).to(bf16)
+    assert applies(x, w, b) and applies(x, w, None)
+    assert applies(torch.randn(2, 8, 64).to(bf16), w, b)  # 16 rows
+    assert applies(x, torch.randn(48, 64).to(bf16)[::2], b)  # a view of rows: read in place
+    assert applies(x.float(), w.float(), b.float())  # float32: the m1 kernel, one row only
+    assert not applies(torch.randn(2, 64), w.float(), b.float())
+    assert not applies(torch.randn(17, 64).to(bf16), w, b)  # prefill sizes: cuBLAS
+    assert not applies(torch.randn(0, 64).to(bf16), w, b)
+    # What F.linear refuses, F.linear reports.
+    assert not applies(x, w.half(), b) and not applies(x, w, b.float())
+    assert not applies(torch.randn(1, 63).to(bf16), w, b) and not applies(x, w, b[:23])
+    assert not applies(x, w.t().contiguous().t(), b)  # K axis strided: cuBLAS reads it as is
+    trained = w.clone().requires_grad_()
+    assert not applies(x, trained, b)  # the custom op has no backward
+    with torch.no_grad():
+        assert applies(x, trained, b)
+    with torch.inference_mode():
+        assert applies(x, trained, b)
+
+
+def test_fast_linear_traces_to_the_custom_op(monkeypatch):
+    # What Dynamo sees on a GPU: one graph, the kernel an opaque op.
+    monkeypatch.setattr(qm, "_use_triton", lambda x: True)
+    layer = FastLinear(64, 24, dtype=torch.bfloat16).requires_grad_(False)
+    program = torch.export.export(layer, (torch.randn(1, 1, 64).to(torch.bfloat16),), strict=True)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert "tachylm.dense_linear.default" in targets, targets
+
+
+class TiedModel(nn.Module):
+    """Embedding, two MLP blocks and an output head tied to the embedding."""
+
+    def __init__(self, vocab=50, dim=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim, bias=False))
+            for _ in range(2))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_linear_is_an_nn_linear(bias):
+    torch.manual_seed(0)
+    plain = nn.Linear(40, 24, bias=bias)
+    fast = FastLinear(40, 24, bias=bias)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 40)
+    assert torch.equal(fast(x), plain(x))
+    assert isinstance(fast, nn.Linear) and fast.extra_repr() == plain.extra_repr()
+
+
+def test_use_fast_linears_shares_parameters_and_keeps_ties():
+    torch.manual_seed(0)
+    model = TiedModel()
+    tokens = torch.randint(0, 50, (2, 5))
+    want = model(tokens)
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert use_fast_linears(model) == 5
+    assert all(type(m) is FastLinear for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.lm_head.weight is model.embed.weight
+    assert all(p is params[name] for name, p in model.named_parameters(remove_duplicate=False))
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(tokens), want)
+    assert use_fast_linears(model) == 0
+    # build.py's order: meta init -> swap -> assign-load.
+    with torch.device("meta"):
+        fresh = TiedModel()
+    assert use_fast_linears(fresh) == 5
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    assert torch.equal(fresh(tokens), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,13 +440,27 @@ for _group in (32, 64):
                                        2 * _group)
     CASES[f"int4-g{_group}-m20-dequant"] = ("int4", 20, "bf16", _group, None, True, 2 * _group)
 
-OP_CASES = {f"op-{scheme}-m{m}": (scheme, m) for scheme in ("int8", "fp8", "int4") for m in (1, 3)}
+# Dense 16-bit weights (and float32, which takes the m1 kernel for one row): ragged N and K.
+for _split in (1, 2):
+    CASES[f"dense-m1-split{_split}"] = ("dense", 1, "bf16", 0, {**M1, "SPLIT_K": _split}, True, K)
+    CASES[f"dense-m3-split{_split}"] = ("dense", 3, "bf16", 0, {**DOT, "SPLIT_K": _split}, True, K)
+CASES["dense-m1-evenK"] = ("dense", 1, "bf16", 0, {**M1, "SPLIT_K": 1}, False, 128)
+CASES["dense-m1-fp16"] = ("dense", 1, "fp16", 0, {**M1, "SPLIT_K": 2}, True, K)
+CASES["dense-m1-fp32"] = ("dense", 1, "fp32", 0, {**M1, "SPLIT_K": 2}, True, K)
+CASES["dense-m3-fp16"] = ("dense", 3, "fp16", 0, {**DOT, "SPLIT_K": 1}, True, K)
+CASES["dense-m5-evenK"] = ("dense", 5, "bf16", 0, {**DOT, "SPLIT_K": 1}, False, 128)
+CASES["dense-m1-dotkernel"] = ("dense", 1, "bf16", 0, {**DOT, "SPLIT_K": 1, "kind": "dot"}, True, K)
+CASES["dense-m20-cublas"] = ("dense", 20, "bf16", 0, None, True, K)
+CASES["dense-m3-fp32-cublas"] = ("dense", 3, "fp32", 0, None, True, K)
+
+OP_CASES = {f"op-{scheme}-m{m}": (scheme, m)
+            for scheme in ("int8", "fp8", "int4", "dense") for m in (1, 3)}
 
 # Relative error against float64 is the rounding of the output to x's dtype; the interpreter
 # truncates float32 -> bfloat16 (the GPU rounds to nearest), about 3.5e-3 instead of 1.7e-3.
 TOLERANCE = {"bf16": 8e-3, "fp16": 2e-3, "fp32": 1e-5}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SCHEMES = {"int8": qm.INT8, "fp8": qm.FP8, "int4": qm.INT4}
+SCHEMES = {"int8": qm.INT8, "fp8": qm.FP8, "int4": qm.INT4, "dense": qm.DENSE}
 
 
 def _patch_interpreter():
@@ -368,19 +502,20 @@ def _interpreter_child():
         bias = torch.randn(N, generator=gen).to(DTYPES[dtype]) if with_bias else None
         if scheme == "int4":
             weights = make_int4(N, k, group, gen)
-            zero = weights[2]
+        elif scheme == "dense":
+            weights = make_dense(N, k, gen, DTYPES[dtype])
         else:
             weights = (make_int8 if scheme == "int8" else make_fp8)(N, k, gen)
-            zero = None
+        scale = weights[1] if len(weights) > 1 else None
+        zero = weights[2] if len(weights) > 2 else None
         try:
             if config is None:
-                out = qm._triton_linear(SCHEMES[scheme], x, weights[0], weights[1], zero, group,
-                                        bias)
+                out = qm._triton_linear(SCHEMES[scheme], x, weights[0], scale, zero, group, bias)
             else:
                 config = dict(config)
                 kind = config.pop("kind", None)
-                out = qm._gemv(SCHEMES[scheme], x, weights[0], weights[1], zero, group, bias,
-                               config, kind)
+                out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias, config,
+                               kind)
             counters = int(qm._split_counters(x.device).abs().sum())
             results[name] = {"rel": rel_err(out, oracle(scheme, x, weights, group, bias)),
                              "dtype": str(out.dtype), "shape": list(out.shape),
@@ -396,6 +531,9 @@ def _interpreter_child():
         if scheme == "int4":
             weights = make_int4(24, 64, 32, gen)
             out = torch.ops.tachylm.int4_linear(x, *weights, 32, None)
+        elif scheme == "dense":
+            weights = make_dense(24, 64, gen)
+            out = torch.ops.tachylm.dense_linear(x, *weights, None)
         else:
             weights = (make_int8 if scheme == "int8" else make_fp8)(24, 64, gen)
             out = getattr(torch.ops.tachylm, f"{scheme}_linear")(x, *weights, None)
@@ -445,14 +583,21 @@ def _cuda_layer(scheme, n, k, group, gen):
     if scheme == "int4":
         weights = make_int4(n, k, group, gen)
         return weights, lambda t, w, b: qm.int4_linear(t, *w, group, b)
+    if scheme == "dense":
+        weights = make_dense(n, k, gen)
+        return weights, lambda t, w, b: qm.dense_linear(t, *w, b)
     weights = (make_int8 if scheme == "int8" else make_fp8)(n, k, gen)
     fn = qm.int8_linear if scheme == "int8" else qm.fp8_linear
     return weights, lambda t, w, b: fn(t, *w, b)
 
 
+def _counters_sum() -> int:
+    return int(qm._split_counters(torch.device("cuda", torch.cuda.current_device())).abs().sum())
+
+
 @cuda
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
-@pytest.mark.parametrize("scheme", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "int4", "dense"])
 def test_cuda_dispatch_matches_float64(scheme, m):
     gen = torch.Generator().manual_seed(m)
     n, k, group = 300, 1024, 128
@@ -462,26 +607,79 @@ def test_cuda_dispatch_matches_float64(scheme, m):
     want = oracle(scheme, x.reshape(-1, k), weights, group, bias).reshape(2, m, n)
     out = call(x.cuda(), [w.cuda() for w in weights], bias.cuda())
     assert out.shape == (2, m, n) and out.dtype == torch.bfloat16
-    assert rel_err(out.cpu(), want) < 8e-3
-    assert int(qm._split_counters(out.device).abs().sum()) == 0
+    err = rel_err(out.cpu(), want)
+    assert err < 8e-3, f"relative error {err:.2e}"
+    assert _counters_sum() == 0
+
+
+DENSE_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+@cuda
+@pytest.mark.parametrize("n,k", DENSE_8B_SHAPES)
+def test_cuda_dense_linear_matches_f_linear_at_8b_shapes(n, k):
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w32 = torch.randn(n, k, generator=gen, device="cuda") * 0.02
+    errors = {}
+    for dtype, m, tol in ((torch.bfloat16, 1, 8e-3), (torch.bfloat16, 16, 8e-3),
+                          (torch.float16, 1, 2e-3), (torch.float32, 1, 1e-5)):
+        w = w32.to(dtype)
+        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
+        ref = torch.addmm(bias.double(), x.double(), w.double().T)
+        with torch.inference_mode():
+            assert qm._dense_gemv_applies(x, w, bias)
+            # Poison: a freed block of the output's size, which its allocation reuses, holds NaN.
+            torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            out = qm.dense_linear(x, w, bias)
+            cublas = F.linear(x, w, bias)
+        name = f"{str(dtype)[6:]}/M={m}"
+        errors[name] = (rel_err(out, ref), rel_err(cublas, ref))
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert torch.isfinite(out).all(), f"{name}: an output element was not written"
+        assert errors[name][0] < tol, f"{name}: (kernel, F.linear) relative errors {errors}"
+    print(f"{n}x{k}: (kernel, F.linear) relative errors {errors}")
+    assert _counters_sum() == 0
 
 
 @cuda
 def test_cuda_compiled_with_cuda_graphs():
+    """Every scheme under torch.compile(mode="reduce-overhead", fullgraph=True), as decode runs.
+
+    Each layer's first call is the CUDA-graph trees' warm-up run: autotuning and the allocation of
+    the split-K counters happen there (the counters must stay out of the graphs' memory pool).
+    Then capture and replays, each call on fresh x, each output against its own float64 oracle.
+    (This test once compared a bf16 sum of the outputs with eager at atol = rtol = 1e-2: that fails
+    on rounding alone, since eager rounds the sum to bf16 after each add and Inductor's fused add
+    rounds once; outputs of magnitude ~20 near cancellation differ by a bf16 ulp, 0.125.)
+    """
+    torch.cuda.synchronize()
+    qm._SPLIT_COUNTERS.clear()
     gen = torch.Generator().manual_seed(5)
-    n, k, group = 256, 512, 64
-    layers = [_cuda_layer(scheme, n, k, group, gen) for scheme in ("int8", "fp8", "int4")]
-    layers = [([w.cuda() for w in weights], call) for weights, call in layers]
+    n, k, group = 256, 4096, 64  # 16-64 row blocks over 4-16 K tiles: every config splits K
+    layers = {s: _cuda_layer(s, n, k, group, gen) for s in ("int8", "fp8", "int4")}
+    on_gpu = [([w.cuda() for w in weights], call) for weights, call in layers.values()]
+    dense = make_dense(n, k, gen)
+    fast = FastLinear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    fast.weight.data.copy_(dense[0])
+    layers["dense"] = (dense, None)
 
     def forward(x):
-        return sum(call(x, weights, None) for weights, call in layers)
+        return [call(x, weights, None) for weights, call in on_gpu] + [fast(x)]
 
-    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
-    eager = forward(x)
     compiled = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
-    for _ in range(3):  # warm-up (autotuned already), graph capture, replay
-        out = compiled(x).clone()
-    assert torch.allclose(out.float(), eager.float(), atol=1e-2, rtol=1e-2)
+    errors = {}
+    with torch.inference_mode():  # as the engine's decode step (FastLinear's weight needs grad)
+        for step in range(4):  # warm-up, capture, replays
+            torch.compiler.cudagraph_mark_step_begin()
+            x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+            outs = [out.cpu() for out in compiled(x.cuda())]
+            for (scheme, (weights, _)), out in zip(layers.items(), outs):
+                errors[f"{scheme}/call{step}"] = rel_err(out, oracle(scheme, x, weights, group))
+    print("relative errors:", {name: f"{e:.2e}" for name, e in errors.items()})
+    bad = {name: e for name, e in errors.items() if not e < 8e-3}
+    assert not bad, f"relative errors over 8e-3: {bad}; all: {errors}"
+    assert _counters_sum() == 0
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:

@@ -39,6 +39,7 @@ from tachylm.checkpoints.resolve import resolve_model
 from tachylm.config import ModelConfig, RopeScaling
 from tachylm.engine import load_checkpoint, pick_device
 from tachylm.generate import Generation
+from tachylm.kernels.linear import use_fast_linears
 from tachylm.model import Transformer
 from tachylm.quant import apply_quant_option
 from tachylm.sampling import SamplingParams, SamplingPlan, SamplingTensors, plan_for, sample, to_tensors
@@ -93,6 +94,8 @@ class BenchOptions:
         compile_prefill: also compile prefill (dynamic length) for the prefill runs.
         quant, group_size, quant_head: weight-only quantization applied after building
             (round-to-nearest; see tachylm.quant), or None for the checkpoint's dtype.
+        fast_linear: on CUDA, route small-batch float Linears through tachylm's Triton GEMV
+            (tachylm.kernels.linear.FastLinear) instead of cuBLAS.
         compile_backend: torch.compile backend for Steps ("eager" makes CPU tests fast).
         batches: one decode run (and one long-context run) per batch size.
         prefill: prompt lengths for batch-1 prefill runs (empty = none).
@@ -113,6 +116,7 @@ class BenchOptions:
     quant: str | None = None
     group_size: int = 128
     quant_head: bool = False
+    fast_linear: bool = True
     compile_backend: str = "inductor"
     batches: tuple[int, ...] = (1,)
     prompt_len: int = 5
@@ -208,6 +212,7 @@ def iter_bench(options: BenchOptions, progress: Progress | None = None) -> Itera
               "dtype": str(dtype).removeprefix("torch."),
               "quant": options.quant, "group_size": options.group_size if options.quant == "int4" else None,
               "quant_head": options.quant_head if options.quant else None,
+              "fast_linear": options.fast_linear and device.type == "cuda",
               "repeats": options.repeats, "peak_gb_s": peak, "weight_bytes": weight_bytes(model)}
     runs = [("decode", b, 0) for b in options.batches] + [("prefill", 1, n) for n in options.prefill]
     runs += [("long-context", b, options.context) for b in options.batches if options.context]
@@ -248,6 +253,8 @@ def _load_model(options: BenchOptions, device: torch.device, dtype: torch.dtype,
     if options.quant is not None:
         report(f"quantizing to {options.quant}")
         apply_quant_option(model, options.quant, options.group_size, options.quant_head, device=device)
+    if options.fast_linear and device.type == "cuda":
+        use_fast_linears(model)
     return model
 
 

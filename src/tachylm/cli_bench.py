@@ -50,6 +50,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight-only quantization (round-to-nearest) applied to the model")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--quant-head", action="store_true", help="quantize the output head too")
+    p.add_argument("--fast-linear", action=argparse.BooleanOptionalAction, default=True,
+                   help="Triton GEMV for small-batch float Linears on CUDA (default on)")
     p.add_argument("--compile-prefill", action="store_true",
                    help="also compile prefill (dynamic length) in the prefill runs")
     p.add_argument("--compile-backend", default="inductor",
@@ -93,7 +95,8 @@ def cmd_bench(args) -> int:
         shape=args.shape if args.shape or args.model else DEFAULT_SHAPE, model=args.model,
         model_cache_dir=os.environ.get(MODEL_CACHE_ENV), device=args.device, dtype=args.dtype,
         compile=args.compile, compile_prefill=args.compile_prefill, quant=args.quant,
-        group_size=args.group_size, quant_head=args.quant_head, compile_backend=args.compile_backend, batches=args.batch,
+        group_size=args.group_size, quant_head=args.quant_head, fast_linear=args.fast_linear,
+        compile_backend=args.compile_backend, batches=args.batch,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, prefill=args.prefill, context=args.context,
         repeats=args.repeats, temperature=args.temperature, top_k=args.top_k, baseline=args.baseline,
         check=args.check, check_tolerance=args.check_tol, seed=args.seed, command=command)

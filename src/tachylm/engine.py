@@ -22,6 +22,7 @@ from tachylm.checkpoints.gguf import read_gguf
 from tachylm.checkpoints.hf import read_hf
 from tachylm.checkpoints.resolve import DEFAULT_MODEL, list_aliases, pull, resolve_model
 from tachylm.generate import Generation, GenerationStats
+from tachylm.kernels.linear import use_fast_linears
 from tachylm.model import Transformer
 from tachylm.quant import apply_quant_option
 from tachylm.quant.io import is_quantized_folder, load_quantized, read_quantized_config
@@ -121,6 +122,8 @@ class Engine:
         self.source = source
         self.chat_template = chat_template
         config = model.config
+        if device.type == "cuda":
+            use_fast_linears(model)  # Triton GEMV for decode-sized float matmuls
         cache_dtype = next(model.parameters()).dtype
         self.cache = KVCache(config.n_layers, 1, max_seq_len, config.n_kv_heads, config.head_dim,
                              device=device, dtype=cache_dtype)

@@ -1,7 +1,7 @@
-"""Weight-only quantized linear layers: int8, fp8 (e4m3) and group-wise int4 weights.
+"""Decode-regime linear layers: weight-only int8, fp8 (e4m3), group-wise int4, and dense weights.
 
 This file owns the numerics of `y = x @ w.T + bias` for the three quantized weight layouts of
-`tachylm.quant`, in three forms:
+`tachylm.quant` and for plain (dense) 16-bit weights, in three forms:
 
 * references (`*_linear_ref`): dequantize in float32, then `F.linear` in x's dtype. They are the
   CPU path and the oracle every kernel is tested against.
@@ -11,7 +11,8 @@ This file owns the numerics of `y = x @ w.T + bias` for the three quantized weig
   conversion by exponent tricks in inline PTX instead of the slow conversion unit, and no
   dequantized copy of the weight ever written to memory.
 * the dispatchers (`int8_linear`, `fp8_linear`, `int4_linear`): Triton on CUDA, references
-  elsewhere.
+  elsewhere. `dense_linear` has `F.linear`'s contract and takes the Triton GEMV kernels only where
+  they apply (CUDA, x and weight of one dtype, few rows, no autograd); `F.linear` otherwise.
 
 Canonical layouts (the kernels read them as they are; there is no repacking step):
 
@@ -19,12 +20,13 @@ Canonical layouts (the kernels read them as they are; there is no repacking step
     fp8   qweight float8_e4m3fn [N, K]; scale float [N]    w = float(q) * scale[n]
     int4  qweight uint8 [N, K/2], low nibble = even k, high nibble = odd k;
           scale, zero float [N, K/G]                       w = (q - zero[n, k/G]) * scale[n, k/G]
+    dense weight [N, K] in x's dtype, no scale             w = weight
 
 Kernels on CUDA, by the number of rows M of x (leading dimensions of x flattened):
 
     M == 1, int8/fp8  `_qgemv_m1_kernel`, CUDA cores: each program owns BLOCK_N output rows, walks
-                      K in BLOCK_K tiles accumulating a [BLOCK_N, BLOCK_K] float32 tile, reduces it
-                      once at the end and applies the row scale.
+    and dense         K in BLOCK_K tiles accumulating a [BLOCK_N, BLOCK_K] float32 tile, reduces it
+                      once at the end and applies the row scale (none for dense weights).
     M <= 16, and      `_qgemv_dot_kernel`, tensor cores on the swapped product out^T = W @ x^T (the
     every int4 M      weight tile is the large operand; x is padded to a power of two >= 1 rows).
                       A K tile is K_SLICES slices multiplied as one batched `tl.dot`, the warps
@@ -33,6 +35,12 @@ Kernels on CUDA, by the number of rows M of x (leading dimensions of x flattened
                       operands, and each group's scale and zero point apply to the MMA result.
     M > 16            `_dequant_kernel` writes the weight in x's dtype, then `F.linear` (cuBLAS): at
                       prefill sizes the matrix product dominates and the extra pass is cheap.
+                      Dense weights go to `F.linear` directly.
+
+The dense scheme exists because cuBLAS's M = 1 GEMV reads bf16 weights at about 2.6-2.8 TB/s on an
+H100, while `_qgemv_m1_kernel` reads int8 at 2.9-3.1 TB/s; the same kernel with 16-bit loads (8
+elements per 16-byte load, float32 multiply-adds) serves bf16/fp16 decode. float32 x and weight
+take the m1 kernel too (4 elements per load) and cuBLAS for M > 1, as for the quantized schemes.
 
 Both GEMV kernels can split K across programs (SPLIT_K, chosen per shape so the grid covers every
 SM twice): each program stores a float32 partial, and the last program of a row block to arrive
@@ -44,16 +52,19 @@ exact, so the MMA on them gives sum((128 + q) * x) per group; with sum(x) over t
 scale * (sum((128 + q) * x) - (zero + 128) * sum(x)) is the group's share. The zero point costs
 one multiply per group and output, not one per weight.
 
-All three dispatchers work under `torch.compile(fullgraph=True)` and CUDA graphs: the CUDA path
+All four dispatchers work under `torch.compile(fullgraph=True)` and CUDA graphs: the CUDA path
 is a `torch.library.custom_op` with a fake (shape) implementation, so the compiler never traces
 the Triton launch code. Autotuning runs at the first call of each shape (a few seconds per shape,
 weights read from DRAM: see `_tuning_bench`); make that call (a warm-up) before capturing a CUDA
-graph, as `torch.compile(mode="reduce-overhead")` does by itself.
+graph, as `torch.compile(mode="reduce-overhead")` does by itself (its warm-up run may be the very
+first call: the split-K counters are allocated so that this is safe, see `_split_counters`).
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import inspect
+import math
 from typing import Optional
 
 import torch
@@ -67,9 +78,10 @@ except ImportError:  # CPU-only installs: the references serve every call
 
 HAS_TRITON = triton is not None
 
-INT8, FP8, INT4 = 0, 1, 2
+INT8, FP8, INT4, DENSE = 0, 1, 2, 3  # SCHEME in the kernels, which compare literal values
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 GEMV_MAX_M = 16  # rows of x up to which the Triton GEMV kernels beat dequantize + cuBLAS
+DENSE_GEMV_MAX_M = 16  # rows of x up to which dense_linear takes the GEMV kernels over cuBLAS
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -262,6 +274,18 @@ def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return _linear_in_dtype(x, dequantize_fp8(qweight, scale), bias)
 
 
+def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference y = x @ weight.T + bias: `F.linear` itself (cuBLAS on CUDA), with its contract.
+
+    Args:
+        x: [..., K]; weight: [N, K] and bias: optional [N], both in x's dtype.
+    Returns:
+        [..., N] in x's dtype.
+    """
+    return F.linear(x, weight, bias)
+
+
 def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference y = x @ w.T + bias with w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
@@ -348,15 +372,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _rowwise_to_f32(w, SCHEME: tl.constexpr, FAST: tl.constexpr):
+        """A loaded weight tile of an int8, fp8 or dense scheme -> float32 (unscaled)."""
         if SCHEME == 0:
             return _int8_to_f32(w, FAST)
         else:
-            return w.to(tl.float32)  # fp8: hardware e4m3x2 -> f16x2, then f16 -> f32
+            # fp8: hardware e4m3x2 -> f16x2, then f16 -> f32. dense: bf16 -> f32 is a shift,
+            # f16 -> f32 a full-rate HADD2.F32; f32 is left as it is.
+            return w.to(tl.float32)
 
     @triton.jit
     def _rowwise_to_16bit(w, SCHEME: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr):
+        """A loaded weight tile of an int8, fp8 or dense scheme -> DTYPE (unscaled) for the MMA."""
         if SCHEME == 0:
             return _int8_to_16bit(w, DTYPE, FAST)
+        elif SCHEME == 3:
+            return w.to(DTYPE)  # dense: the dispatcher passes weights in x's dtype, so no-op
         else:
             # Through float32: fp8 -> f16x2 (packed) -> f32 -> bf16x2 (packed) avoids the slow
             # scalar f16 -> bf16 conversion the direct cast compiles to.
@@ -413,7 +443,8 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
-        """out[0, n] = scale[n] * sum_k x[0, k] * q[n, k] for one row of x and int8/fp8 weights.
+        """out[0, n] = scale[n] * sum_k x[0, k] * q[n, k] for one row of x and int8/fp8 weights;
+        sum_k x[0, k] * w[n, k] for dense weights (SCHEME 3, s_ptr unused).
 
         CUDA-core multiply-adds into a [BLOCK_N, BLOCK_K] float32 tile, reduced once at the end.
         Grid (cdiv(N, BLOCK_N), SPLIT_K). Rows past N are clamped to N - 1 (read, never written)
@@ -440,7 +471,9 @@ if HAS_TRITON:
                 wf = tl.where(k_ok[None, :], wf, 0.0)
                 x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
             acc_t += wf * x.to(tl.float32)[None, :]
-        acc = tl.sum(acc_t, axis=1) * tl.load(s_ptr + rows).to(tl.float32)
+        acc = tl.sum(acc_t, axis=1)
+        if SCHEME != 3:
+            acc = acc * tl.load(s_ptr + rows).to(tl.float32)
         offs_m = tl.arange(0, 1)
         _finish(acc[:, None], offs_n, offs_m, 1, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                 N, HAS_BIAS, SPLIT_K)
@@ -457,7 +490,8 @@ if HAS_TRITON:
 
         Grid (cdiv(N, BLOCK_N), SPLIT_K). A K tile of K_SLICES * SUB_K is multiplied as a batch of
         K_SLICES products [BLOCK_N, SUB_K] @ [SUB_K, BLOCK_M] (the warps split the batch), summed
-        once at the end. For int4 SUB_K == GROUP: each slice is one quantization group.
+        once at the end. For int4 SUB_K == GROUP: each slice is one quantization group. Dense
+        weights (SCHEME 3) are in x's dtype and have no scale (s_ptr unused).
         Rows of W past N and rows of x past M are clamped (read, never written).
         """
         BLOCK_K: tl.constexpr = SUB_K * K_SLICES
@@ -522,7 +556,9 @@ if HAS_TRITON:
                     wt = tl.where(k_ok[:, None, :], wt, 0.0)
                     xt = tl.load(x_ptrs + k0, mask=k_ok[:, :, None], other=0.0)
                 acc3 = tl.dot(wt, xt, acc3)
-            acc = tl.sum(acc3, axis=0) * tl.load(s_ptr + rows).to(tl.float32)[:, None]
+            acc = tl.sum(acc3, axis=0)
+            if SCHEME != 3:
+                acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
         _finish(acc, offs_n, offs_m, M, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
                 HAS_BIAS, SPLIT_K)
 
@@ -572,11 +608,18 @@ if HAS_TRITON:
 # (BLOCK_N, BLOCK_K, num_warps, STAGES) for int8/fp8 with M == 1. BLOCK_N * BLOCK_K / threads <= 64
 # keeps the float32 tile in registers.
 _M1_CONFIGS = ((16, 512, 4, 3), (8, 512, 4, 4), (16, 1024, 8, 3), (32, 256, 4, 4), (4, 1024, 4, 4))
+# The same for dense 2-byte weights: the int8 tiles' bytes (4-16 KB a stage) at half the elements
+# per row, one 16-byte load being 8 elements; the float32 tile stays at <= 32 registers a thread.
+# Small BLOCK_N gives the 4096-row shapes 256-1024 row blocks, so few need split-K.
+_M1_DENSE_CONFIGS = ((8, 512, 4, 4), (16, 256, 4, 4), (4, 1024, 4, 4), (16, 512, 8, 3),
+                     (8, 256, 4, 4), (32, 256, 8, 3))
 # (BLOCK_N, SUB_K, K_SLICES, num_warps, STAGES) for the tensor-core kernel, int8/fp8. Triton puts
 # the warps of a batched dot on the batch axis, so K_SLICES >= num_warps (fewer slices than warps
 # would repeat work).
 _DOT_ROWWISE_CONFIGS = ((16, 128, 4, 4, 4), (32, 128, 4, 4, 3), (64, 64, 4, 4, 3),
                         (16, 128, 8, 8, 3))
+# The same for dense 2-byte weights: the int8 tiles' bytes, half the K elements per slice.
+_DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), (16, 64, 8, 8, 3))
 # (BLOCK_N, bytes per row per tile, num_warps, STAGES) for int4. SUB_K is the group size and
 # K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
 _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3))
@@ -657,11 +700,14 @@ def _autotune_kwargs() -> dict:
 def _make_configs(scheme: int, kind: str, group: int) -> list:
     """The base launch configurations (SPLIT_K = 1) of one scheme and kernel kind."""
     if kind == "m1":
+        table = _M1_DENSE_CONFIGS if scheme == DENSE else _M1_CONFIGS
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "SPLIT_K": 1},
-                              num_warps=nw, num_stages=st) for bn, bk, nw, st in _M1_CONFIGS]
+                              num_warps=nw, num_stages=st) for bn, bk, nw, st in table]
     if scheme == INT4:
         table = [(bn, group, max(nw, 2 * row_bytes // group), nw, st)
                  for bn, row_bytes, nw, st in _DOT_INT4_CONFIGS]
+    elif scheme == DENSE:
+        table = _DOT_DENSE_CONFIGS
     else:
         table = _DOT_ROWWISE_CONFIGS
     return [triton.Config({"BLOCK_N": bn, "SUB_K": sub, "K_SLICES": ks, "STAGES": st, "SPLIT_K": 1},
@@ -684,10 +730,29 @@ _COUNTER_SLOTS = 4096
 
 
 def _split_counters(device: torch.device) -> torch.Tensor:
-    """Per-device arrival counters for split-K; every launch leaves them at zero again."""
+    """Per-device arrival counters for split-K; every launch leaves them at zero again.
+
+    They live as long as the process, so they must not come from a CUDA-graph memory pool. During
+    the warm-up runs of torch.compile's CUDA-graph trees (which may be the first call of a layer)
+    every allocation of the calling thread goes to the graphs' private pool, where each live block
+    must be a graph output: a counter tensor there fails the trees' pool check ("tensor(s) in the
+    cudagraph pool not tracked as outputs") or is handed out again when they restore a pool
+    checkpoint. Allocations of other threads are not redirected, so a helper thread makes them.
+    """
     counters = _SPLIT_COUNTERS.get(device)
     if counters is None:
-        counters = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the GEMV kernels' first call on a device must not be inside CUDA "
+                               "graph capture: call the layer once before capturing (a warm-up)")
+
+        def allocate() -> torch.Tensor:
+            zeros = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # zeroed on this thread's stream: wait for it
+            return zeros
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            counters = pool.submit(allocate).result()
         _SPLIT_COUNTERS[device] = counters
     return counters
 
@@ -708,12 +773,21 @@ def _kernel_kind(scheme: int, m: int) -> str:
     return "m1" if m == 1 and scheme != INT4 else "dot"
 
 
-def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+def _gemv_applies(scheme: int, m: int, dtype: torch.dtype) -> bool:
+    """Whether x [m, K] of `dtype` takes a GEMV kernel (else cuBLAS, after dequantizing)."""
+    max_m = DENSE_GEMV_MAX_M if scheme == DENSE else GEMV_MAX_M
+    # The tensor-core kernel multiplies in x's 16-bit dtype; float32 x takes cuBLAS instead.
+    return 1 <= m <= max_m and (dtype != torch.float32 or _kernel_kind(scheme, m) == "m1")
+
+
+def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[torch.Tensor],
           zero: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor],
           config: Optional[dict] = None, kind: Optional[str] = None) -> torch.Tensor:
     """Launch a GEMV kernel on x [M, K] (M <= GEMV_MAX_M) and return out [M, N] in x's dtype.
 
     Args:
+        scheme, qweight, scale, zero, group: as `dequantize_triton`; DENSE: qweight is the weight
+            in x's dtype and scale None.
         config: None to autotune; else the meta-parameters of one launch, for tests and benchmarks:
             "m1" kernel: BLOCK_N, BLOCK_K, STAGES, SPLIT_K, num_warps;
             "dot" kernel: BLOCK_N, SUB_K (= group for int4), K_SLICES (>= num_warps), STAGES,
@@ -724,10 +798,13 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     n = qweight.shape[0]
     kind = kind or _kernel_kind(scheme, m)
     if kind == "m1" and (m != 1 or scheme == INT4):
-        raise ValueError("the m1 kernel takes one row of x and int8 or fp8 weights")
+        raise ValueError("the m1 kernel takes one row of x and int8, fp8 or dense weights")
     if kind == "dot" and x.dtype == torch.float32:
         raise ValueError("the tensor-core GEMV needs bfloat16 or float16 x")
+    if (scheme == DENSE) != (scale is None):
+        raise ValueError("scale must be None for the dense scheme and given for the others")
     w = qweight.view(torch.uint8) if scheme == INT8 else qweight  # int8 bits, read as bytes
+    scale_arg = w if scale is None else scale  # dense: never read
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if config is None:
         max_split, n_blocks = _split_needs(scheme, kind, group, n, k, _sm_count(x.device))
@@ -744,7 +821,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     fast = x.is_cuda
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     if kind == "m1":
-        args = (x, w, scale, bias_arg, out, ws, counters, n, k, qweight.stride(0))
+        args = (x, w, scale_arg, bias_arg, out, ws, counters, n, k, qweight.stride(0))
         common = dict(SCHEME=scheme, HAS_BIAS=bias is not None, FAST=fast)
         if config is None:
             _tuned_kernel(scheme, kind, group)[grid](*args, **common)
@@ -755,8 +832,8 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
             _qgemv_m1_kernel[grid](*args, **common, **meta, num_warps=num_warps,
                                    num_stages=meta["STAGES"])
     else:
-        args = (x, w, scale, scale if zero is None else zero, bias_arg, out, ws, counters, m, n, k,
-                x.stride(0), qweight.stride(0), scale.stride(0), out.stride(0))
+        args = (x, w, scale_arg, scale_arg if zero is None else zero, bias_arg, out, ws, counters,
+                m, n, k, x.stride(0), qweight.stride(0), scale_arg.stride(0), out.stride(0))
         common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
                       BLOCK_M=triton.next_power_of_2(m))
         if config is None:
@@ -791,10 +868,10 @@ def dequantize_triton(scheme: int, qweight: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                   zero: Optional[torch.Tensor], group: int,
+def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
+                   scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], group: int,
                    bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] -> [M, N]: GEMV kernels for few rows, dequantize + cuBLAS beyond GEMV_MAX_M."""
+    """x [M, K] -> [M, N]: GEMV kernels for few rows, (dequantize +) cuBLAS beyond GEMV_MAX_M."""
     # Row views (a tensor-parallel shard along N) are read in place; anything else would need a
     # copy of the weight on every call, so it is refused instead.
     for name, t in (("qweight", qweight), ("scale", scale), ("zero", zero)):
@@ -810,12 +887,12 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: t
         return x.new_empty((0, qweight.shape[0]))
     # Triton launches on the current device; CPU tensors mean the interpreter.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        # The tensor-core kernel multiplies in x's 16-bit dtype; float32 x takes cuBLAS instead.
-        if m <= GEMV_MAX_M and (x.dtype != torch.float32 or _kernel_kind(scheme, m) == "m1"):
+        if _gemv_applies(scheme, m, x.dtype):
             return _gemv(scheme, x, qweight, scale, zero, group, bias)
+        if scheme == DENSE:
+            return F.linear(x, qweight, bias)
         w = dequantize_triton(scheme, qweight, scale, zero, group, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -842,6 +919,12 @@ def _int4_linear_op(x, qweight, scale, zero, group_size, bias):
     return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias)
 
 
+@torch.library.custom_op("tachylm::dense_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+def _dense_linear_op(x, weight, bias):
+    return _triton_linear(DENSE, x, weight, None, None, 0, bias)
+
+
 @_int8_linear_op.register_fake
 def _int8_linear_fake(x, qweight, scale, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
@@ -855,6 +938,11 @@ def _fp8_linear_fake(x, qweight, scale, bias):
 @_int4_linear_op.register_fake
 def _int4_linear_fake(x, qweight, scale, zero, group_size, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@_dense_linear_op.register_fake
+def _dense_linear_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -907,3 +995,46 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     _check_int4(x, qweight, scale, zero, group_size, bias)
     out = _int4_linear_op(x.reshape(-1, x.shape[-1]), qweight, scale, zero, group_size, bias)
     return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> bool:
+    """Whether `dense_linear` may take the Triton GEMV: exactly F.linear's function, read faster.
+
+    Anything else (CPU, mixed dtypes or devices, bad or empty shapes, a strided K axis, many rows
+    of x, autograd) goes to F.linear, which computes it or raises its own error.
+    """
+    if not (_use_triton(x) and weight.dim() == 2 and x.dim() >= 1 and weight.numel() > 0
+            and x.shape[-1] == weight.shape[1] and x.dtype == weight.dtype
+            and x.dtype in ACTIVATION_DTYPES and weight.device == x.device
+            and (weight.shape[1] <= 1 or weight.stride(1) == 1)):
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device
+                             or tuple(bias.shape) != (weight.shape[0],)):
+        return False
+    # The custom op has no backward: anything that records autograd takes F.linear.
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return _gemv_applies(DENSE, math.prod(x.shape[:-1]), x.dtype)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ weight.T + bias, with `F.linear`'s contract (a drop-in for it).
+
+    On CUDA (with Triton), for up to DENSE_GEMV_MAX_M rows of x (float32: one row) with x, weight
+    and bias of one dtype and no autograd recording: the Triton GEMV kernels, which read the weight
+    faster than cuBLAS's GEMV. Everything else: `F.linear` (cuBLAS on CUDA).
+
+    Args:
+        x: [..., K] float32 / bfloat16 / float16.
+        weight: [N, K] in x's dtype (rows may be a view: only the K axis must be contiguous).
+        bias: optional [N] in x's dtype.
+    Returns:
+        [..., N] in x's dtype.
+    """
+    if not _dense_gemv_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    out = _dense_linear_op(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
