@@ -11,6 +11,7 @@ torch.compile with CUDA graphs) run where a GPU is present.
 import importlib.util
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -453,6 +454,18 @@ CASES["dense-m1-dotkernel"] = ("dense", 1, "bf16", 0, {**DOT, "SPLIT_K": 1, "kin
 CASES["dense-m20-cublas"] = ("dense", 20, "bf16", 0, None, True, K)
 CASES["dense-m3-fp32-cublas"] = ("dense", 3, "fp32", 0, None, True, K)
 
+# Every autotuned int4 config of the tensor-core kernel, one row of x, K split in two: K = 2048 is
+# two tiles of the largest BLOCK_K (1024) and even for all; K = 2176 (17 * 128) is ragged for all.
+# (The GPU once got G = 64 wrong here at M = 1, from a Triton miscompilation the interpreter does
+# not share: see test_dot_kernel_mma_accumulators_stay_apart; these check the arithmetic.)
+if qm.HAS_TRITON:
+    for _group in (32, 64, 128):
+        for _i, _c in enumerate(qm._make_configs(qm.INT4, "dot", _group)):
+            for _k in (2048, 2176):
+                CASES[f"int4-g{_group}-tuned{_i}-m1-k{_k}-split2"] = (
+                    "int4", 1, "bf16", _group,
+                    {**_c.kwargs, "SPLIT_K": 2, "num_warps": _c.num_warps}, False, _k)
+
 OP_CASES = {f"op-{scheme}-m{m}": (scheme, m)
             for scheme in ("int8", "fp8", "int4", "dense") for m in (1, 3)}
 
@@ -569,6 +582,82 @@ def test_triton_kernel_interpreted(interpreted, name):
     assert result["finite"], "an output element was not written or is not finite"
     assert result["rel"] < TOLERANCE[dtype], result
     assert result["counters"] == 0, "split-K counters were not reset"
+
+
+# ----------------------------------------------------------------------------------------------
+# The tensor-core kernel compiled for an H100 (no GPU needed): MMA accumulators
+# ----------------------------------------------------------------------------------------------
+
+def _mma_chains(llir):
+    """(MMA count, chains started from zero, faults) of the m16n8k16 MMAs in LLVM IR.
+
+    Each MMA's accumulator input must be four zeros (a chain's first K step) or the four results,
+    in order, of one earlier MMA that feeds no other MMA.
+    """
+    extracts = {m.group(1): (m.group(2), int(m.group(3))) for m in re.finditer(
+        r"(%[\w.]+) = extractvalue \{ float, float, float, float \} (%[\w.]+), (\d)", llir)}
+    calls = re.findall(r"(%[\w.]+) = tail call \{ float, float, float, float \} asm sideeffect "
+                       r"\"mma\.sync[^\"]*\", \"[^\"]*\"\(([^)]*)\)", llir)
+    zero_starts, faults, fed = 0, [], set()
+    for name, operands in calls:
+        acc = [op.split()[1] for op in operands.split(", ")[:4]]
+        if all(v == "0.000000e+00" for v in acc):
+            zero_starts += 1
+            continue
+        sources = [extracts.get(v) for v in acc]
+        if None in sources or len({s[0] for s in sources}) != 1 or \
+                [s[1] for s in sources] != [0, 1, 2, 3] or sources[0][0] in fed:
+            faults.append(f"{name} accumulates onto {acc}")
+        else:
+            fed.add(sources[0][0])
+    return len(calls), zero_starts, faults
+
+
+def _nvidia_backend():
+    if not HAS_TRITON:
+        return False
+    import triton.backends
+    return "nvidia" in triton.backends.backends
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
+@pytest.mark.parametrize("group", qm.INT4_GROUP_SIZES)
+def test_dot_kernel_mma_accumulators_stay_apart(group):
+    """Every autotuned int4 config, compiled for sm_90 as the launch for one row of x makes it.
+
+    Triton 3.6 lowers a batched tl.dot whose result has one column (BLOCK_M = 1) with the
+    accumulators of a warp's second slice overlapping its first slice's (see qm._dot_block_m):
+    int4 with G = 64 came out with a relative error of ~7 on an H100 while the interpreter was
+    right. Each (slice of a warp, 16 rows, 8 columns) tile must be its own chain of G / 16 MMAs
+    that starts from zero.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    fn = qm._qgemv_dot_kernel
+    signature = {name: "i32" for name in fn.arg_names}
+    signature.update({"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
+                      "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"})
+    # The launcher's specialization for K = 4096: aligned pointers, K and strides % 16 == 0.
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("K", "stride_xm", "stride_wn",
+                                                                       "stride_sn", "stride_om")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    block_m = qm._tuned_dot_block_m(qm.INT4, group, 1)
+    failures = {}
+    for c in qm._make_configs(qm.INT4, "dot", group):
+        meta = dict(c.kwargs, SPLIT_K=2, EVEN_K=True, SCHEME=qm.INT4, GROUP=group, HAS_BIAS=False,
+                    FAST=True, BLOCK_M=block_m)
+        sig = dict(signature, **{name: "constexpr" for name in meta})
+        kernel = triton.compile(triton.compiler.ASTSource(fn, sig, meta, attrs),
+                                target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
+        n_mma, zero_starts, faults = _mma_chains(kernel.asm["llir"])
+        per_warp = max(1, c.kwargs["K_SLICES"] // c.num_warps)
+        chains = per_warp * (c.kwargs["BLOCK_N"] // 16) * -(-block_m // 8)
+        if faults or zero_starts != chains or n_mma != chains * (group // 16):
+            failures[f"{ {k: meta[k] for k in c.kwargs} } num_warps={c.num_warps} "
+                     f"BLOCK_M={block_m}"] = (
+                f"{n_mma} MMAs, {zero_starts} chains from zero (want {chains}); {faults[:2]}")
+    assert not failures, failures
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ Kernels on CUDA, by the number of rows M of x (leading dimensions of x flattened
     and dense         K in BLOCK_K tiles accumulating a [BLOCK_N, BLOCK_K] float32 tile, reduces it
                       once at the end and applies the row scale (none for dense weights).
     M <= 16, and      `_qgemv_dot_kernel`, tensor cores on the swapped product out^T = W @ x^T (the
-    every int4 M      weight tile is the large operand; x is padded to a power of two >= 1 rows).
+    every int4 M      weight tile is the large operand; x is padded to a power of two >= 1 rows,
+                      >= 2 where a warp multiplies several slices: see `_dot_block_m`).
                       A K tile is K_SLICES slices multiplied as one batched `tl.dot`, the warps
                       splitting the slices, so a program of few rows keeps all its warps busy.
                       int4 slices are single groups: the nibbles unpack straight into 16-bit MMA
@@ -492,7 +493,8 @@ if HAS_TRITON:
         K_SLICES products [BLOCK_N, SUB_K] @ [SUB_K, BLOCK_M] (the warps split the batch), summed
         once at the end. For int4 SUB_K == GROUP: each slice is one quantization group. Dense
         weights (SCHEME 3) are in x's dtype and have no scale (s_ptr unused).
-        Rows of W past N and rows of x past M are clamped (read, never written).
+        Rows of W past N and rows of x past M are clamped (read, never written). BLOCK_M must be
+        >= 2 when K_SLICES > num_warps (a Triton miscompilation, see `_dot_block_m`).
         """
         BLOCK_K: tl.constexpr = SUB_K * K_SLICES
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -622,6 +624,7 @@ _DOT_ROWWISE_CONFIGS = ((16, 128, 4, 4, 4), (32, 128, 4, 4, 3), (64, 64, 4, 4, 3
 _DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), (16, 64, 8, 8, 3))
 # (BLOCK_N, bytes per row per tile, num_warps, STAGES) for int4. SUB_K is the group size and
 # K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
+# For G < 128 that is more slices than warps, which needs BLOCK_M >= 2 (see `_dot_block_m`).
 _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3))
 _MAX_SPLIT_K = 8
 _SPLIT_TILES_MIN = 2  # never split K into pieces of fewer BLOCK_K tiles than this
@@ -767,6 +770,36 @@ def _split_needs(scheme: int, kind: str, group: int, n: int, k: int, sms: int) -
     return max_split, n_blocks
 
 
+def _dot_block_m(m: int, slices_and_warps) -> int:
+    """BLOCK_M of `_qgemv_dot_kernel` for m rows of x, given (K_SLICES, num_warps) of every
+    config it may run with: the next power of two, but at least 2 where a config gives a warp
+    more than one slice (K_SLICES > num_warps).
+
+    Triton 3.6's MMAv2 lowering of a batched (3-D) `tl.dot` (TritonNVIDIAGPUToLLVM MMAv2.cpp,
+    `batchOffset`) steps from one batch entry of a warp to the next by the elements per thread of
+    the [BLOCK_N, BLOCK_M] result, which for a one-column result counts that column once, while
+    every m16n8 MMA writes four accumulators (two columns). With BLOCK_M == 1 the batch entries'
+    accumulators overlap: a warp's second slice starts from its first slice's rows r + 8 (in
+    place of zero) and those rows are lost; the PTX shows the second slice's MMAs tied to two of
+    the first slice's registers. On an H100 this gave int4 with group 64 at M = 1 (K_SLICES 8 or
+    16 on 4 or 8 warps) a relative error of ~7 on every call; the interpreter does not lower
+    `tl.dot` this way and was right. From BLOCK_M = 2 the offset covers the four accumulators.
+    Only int4 with G < 128 has such configs; the others keep BLOCK_M = 1 for one row, as
+    measured. tests/test_kernels.py compiles the int4 configs for sm_90 and checks the MMAs.
+    """
+    block_m = triton.next_power_of_2(m)
+    if block_m == 1 and any(slices > warps for slices, warps in slices_and_warps):
+        block_m = 2  # the launch masks the padded row out of the output and the split partials
+    return block_m
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_dot_block_m(scheme: int, group: int, m: int) -> int:
+    """`_dot_block_m` over the autotuned configs of the tensor-core kernel."""
+    return _dot_block_m(m, [(c.kwargs["K_SLICES"], c.num_warps)
+                            for c in _make_configs(scheme, "dot", group)])
+
+
 def _kernel_kind(scheme: int, m: int) -> str:
     # int4 always takes the tensor cores: unpacking nibbles straight into 16-bit MMA operands is
     # cheaper than converting them to float32 for CUDA-core multiply-adds, even for one row.
@@ -834,8 +867,12 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     else:
         args = (x, w, scale_arg, scale_arg if zero is None else zero, bias_arg, out, ws, counters,
                 m, n, k, x.stride(0), qweight.stride(0), scale_arg.stride(0), out.stride(0))
+        if config is None:
+            block_m = _tuned_dot_block_m(scheme, group, m)
+        else:
+            block_m = _dot_block_m(m, [(config["K_SLICES"], config.get("num_warps", 4))])
         common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
-                      BLOCK_M=triton.next_power_of_2(m))
+                      BLOCK_M=block_m)
         if config is None:
             _tuned_kernel(scheme, kind, group)[grid](*args, **common)
         else:
