@@ -128,30 +128,24 @@ _PTX_INT8_TO_F16 = """{
     sub.f16x2 $0, t0, c;
     sub.f16x2 $1, t1, c;
 }"""
-_PTX_NIBBLES_TO_BF16 = """{
+def _nibbles_ptx(magic: str) -> str:
+    """PTX: 4 bytes -> 8 nibbles, each placed under the 16-bit pattern `magic` (see below)."""
+    return """{
     .reg .b32 s;
-    prmt.b32 $0, $4, 0x43434343, 0x5140;
-    prmt.b32 $1, $4, 0x43434343, 0x7362;
+    prmt.b32 $0, $4, MAGIC, 0x5140;
+    prmt.b32 $1, $4, MAGIC, 0x7362;
     shr.b32 s, $4, 4;
-    prmt.b32 $2, s, 0x43434343, 0x5140;
-    prmt.b32 $3, s, 0x43434343, 0x7362;
+    prmt.b32 $2, s, MAGIC, 0x5140;
+    prmt.b32 $3, s, MAGIC, 0x7362;
     and.b32 $0, $0, 0xFF0FFF0F;
     and.b32 $1, $1, 0xFF0FFF0F;
     and.b32 $2, $2, 0xFF0FFF0F;
     and.b32 $3, $3, 0xFF0FFF0F;
-}"""
-_PTX_NIBBLES_TO_F16 = """{
-    .reg .b32 s;
-    prmt.b32 $0, $4, 0x64646464, 0x5140;
-    prmt.b32 $1, $4, 0x64646464, 0x7362;
-    shr.b32 s, $4, 4;
-    prmt.b32 $2, s, 0x64646464, 0x5140;
-    prmt.b32 $3, s, 0x64646464, 0x7362;
-    and.b32 $0, $0, 0xFF0FFF0F;
-    and.b32 $1, $1, 0xFF0FFF0F;
-    and.b32 $2, $2, 0xFF0FFF0F;
-    and.b32 $3, $3, 0xFF0FFF0F;
-}"""
+}""".replace("MAGIC", magic)
+
+
+_PTX_NIBBLES_TO_BF16 = _nibbles_ptx("0x43434343")
+_PTX_NIBBLES_TO_F16 = _nibbles_ptx("0x64646464")
 
 
 # ----------------------------------------------------------------------------------------------
