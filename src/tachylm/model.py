@@ -15,12 +15,16 @@ Differences between families are flags on `ModelConfig`: grouped-query attention
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tachylm.cache import KVCache
 from tachylm.config import ModelConfig, rope_frequencies
+
+if TYPE_CHECKING:  # the cache is passed in; the model only calls its update()
+    from tachylm.cache import KVCache
 
 
 class RMSNorm(nn.Module):
