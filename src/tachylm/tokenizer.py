@@ -154,6 +154,26 @@ class Tokenizer:
                              f"(size {self.vocab_size})")
         return token
 
+    def save_hf(self, folder: str | Path) -> None:
+        """Write this tokenizer in Hugging Face form, which `from_hf_dir` reads back identically.
+
+        Writes tokenizer.json, tokenizer_config.json (bos/eos, add_bos_token, chat_template) and
+        generation_config.json (every stop id) into an existing `folder`.
+        """
+        folder = Path(folder)
+        self._backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {"add_bos_token": self.add_bos}
+        if self.bos_id is not None:
+            config["bos_token"] = self.id_to_token(self.bos_id)
+        if self.eos_id is not None:
+            config["eos_token"] = self.id_to_token(self.eos_id)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        for name, data in (("tokenizer_config.json", config),
+                           ("generation_config.json", {"eos_token_id": sorted(self.stop_ids)})):
+            (folder / name).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n",
+                                       encoding="utf-8")
+
     @property
     def vocab_size(self) -> int:
         """Number of ids in the vocabulary, added tokens included."""

@@ -140,24 +140,7 @@ def write_tokenizer(source: str | os.PathLike[str], folder: str | os.PathLike[st
             if os.path.isfile(path):
                 shutil.copyfile(path, os.path.join(folder, name))
         return
-    tokenizer = load_tokenizer(source)
-    # Tokenizer has no public save; its backend is a `tokenizers.Tokenizer`, which does.
-    tokenizer._backend.save(os.path.join(folder, "tokenizer.json"))
-    token_config: dict[str, Any] = {"add_bos_token": tokenizer.add_bos}
-    if tokenizer.bos_id is not None:
-        token_config["bos_token"] = tokenizer.id_to_token(tokenizer.bos_id)
-    if tokenizer.eos_id is not None:
-        token_config["eos_token"] = tokenizer.id_to_token(tokenizer.eos_id)
-    if tokenizer.chat_template is not None:
-        token_config["chat_template"] = tokenizer.chat_template
-    _write_json(os.path.join(folder, "tokenizer_config.json"), token_config)
-    _write_json(os.path.join(folder, "generation_config.json"), {"eos_token_id": sorted(tokenizer.stop_ids)})
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+    load_tokenizer(source).save_hf(folder)
 
 
 def _exact_dtype_names(model: Transformer) -> set[str]:
