@@ -54,3 +54,57 @@ def test_cuda_graph_decode_equals_eager_and_never_recompiles():
     for length, new in [(11, 4), (45, 12), (90, 8)]:
         list(Generation(steps, [9] * length, new, sampled))
     assert dict(counters["stats"]).get("unique_graphs") == after_warm.get("unique_graphs"), (before, after_warm)
+
+
+def _tiny_checkpoint_folder(folder):
+    """A tiny random Llama saved by transformers, with a byte-level BPE tokenizer and a template."""
+    import json
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    transformers = pytest.importorskip("transformers")
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}"}))
+    config = transformers.LlamaConfig(vocab_size=backend.get_vocab_size(), hidden_size=128,
+                                      intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def test_engine_end_to_end_on_cuda_compiled(tmp_path):
+    """The path `tachylm generate/chat --device cuda --compile` takes, on a real (tiny) folder."""
+    from tachylm.engine import Engine
+    from tachylm.kernels.linear import FastLinear
+
+    _tiny_checkpoint_folder(tmp_path)
+    eager = Engine.load(str(tmp_path), device="cuda", dtype="bfloat16", max_seq_len=256)
+    compiled = Engine.load(str(tmp_path), device="cuda", dtype="bfloat16", max_seq_len=256, compile=True)
+    assert isinstance(compiled.model.layers[0].attn.qkv_proj, FastLinear)
+    greedy = SamplingParams.greedy_params()
+    a = eager.generate("the quick fox", max_new_tokens=24, params=greedy)
+    b = compiled.generate("the quick fox", max_new_tokens=24, params=greedy)
+    text_a, text_b = a.text(), b.text()
+    agree = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                 min(len(a.token_ids), len(b.token_ids)))
+    assert agree >= 12, (text_a, text_b)
+    assert b.stats.new_tokens >= 1 and b.stats.prefill_s > 0
+    session = compiled.chat()
+    first = session.send("hello", max_new_tokens=8, params=greedy)
+    first.text()
+    second = session.send("again", max_new_tokens=8, params=greedy)
+    second.text()
+    assert second.generation.start_pos > 0  # the first turn stayed in the cache
+    quantized = Engine.load(str(tmp_path), device="cuda", dtype="bfloat16", max_seq_len=256,
+                            compile=True, quant="int8")
+    assert quantized.generate("the lazy dog", max_new_tokens=8, params=greedy).text() is not None
