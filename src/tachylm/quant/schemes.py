@@ -135,44 +135,61 @@ def _per_row_scale(weight: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
 
 
-class Int8Linear(QuantizedLinear):
-    """int8 weights, symmetric, one float32 scale per output channel (scale = absmax / 127)."""
+class _RowwiseLinear(QuantizedLinear):
+    """Shared body of the per-output-channel schemes: `qweight` [N, K] stored as `storage_dtype`,
+    one float32 `scale` [N] (w = qweight * scale), symmetric, scale = absmax / `qmax`."""
 
-    scheme = "int8"
+    storage_dtype: torch.dtype
+    qmax: float
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         out_features, in_features = qweight.shape
         super().__init__(in_features, out_features, bias)
-        assert qweight.dtype == torch.int8 and scale.shape == (out_features,)
-        self.register_buffer("qweight", qweight)  # [N, K] int8
+        assert qweight.dtype == self.storage_dtype and scale.shape == (out_features,)
+        self.register_buffer("qweight", qweight)  # [N, K]
         self.register_buffer("scale", scale)  # [N] float32
+
+    @staticmethod
+    def _round(scaled: torch.Tensor) -> torch.Tensor:
+        """float32 weights already divided by their row scale -> stored values."""
+        raise NotImplementedError
 
     @classmethod
     def from_float(cls, weight, bias=None):
         w = weight.detach().float()
-        scale = _per_row_scale(w, 127.0)
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(q, scale, None if bias is None else bias.detach().clone())
+        scale = _per_row_scale(w, cls.qmax)
+        return cls(cls._round(w / scale[:, None]), scale, None if bias is None else bias.detach().clone())
 
     @classmethod
     def empty(cls, in_features, out_features, bias, device="meta"):
-        return cls(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+        return cls(torch.empty(out_features, in_features, dtype=cls.storage_dtype, device=device),
                    torch.empty(out_features, dtype=torch.float32, device=device),
                    torch.empty(out_features, device=device) if bias else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
 
     def dequantize(self):
         return self.qweight.float() * self.scale[:, None]
 
     def shard(self, dim, index, count):
         _check_shard(self, dim, index, count)
-        if dim == 0:
-            return Int8Linear(_piece(self.qweight, 0, index, count), _piece(self.scale, 0, index, count),
-                              self._shard_bias(dim, index, count))
-        return Int8Linear(_piece(self.qweight, 1, index, count), self.scale.clone(),
+        # Rows carry their scales with them; a column split keeps every row's scale.
+        scale = _piece(self.scale, 0, index, count) if dim == 0 else self.scale.clone()
+        return type(self)(_piece(self.qweight, dim, index, count), scale,
                           self._shard_bias(dim, index, count))
+
+
+class Int8Linear(_RowwiseLinear):
+    """int8 weights, symmetric, one float32 scale per output channel (scale = absmax / 127)."""
+
+    scheme = "int8"
+    storage_dtype = torch.int8
+    qmax = 127.0
+
+    @staticmethod
+    def _round(scaled: torch.Tensor) -> torch.Tensor:
+        return torch.round(scaled).clamp_(-127, 127).to(torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,31 +217,21 @@ def check_fp8_device(device: torch.device) -> None:
             "supported on every GPU) instead")
 
 
-class Fp8Linear(QuantizedLinear):
+class Fp8Linear(_RowwiseLinear):
     """float8 e4m3 weights with one float32 scale per output channel (scale = absmax / 448)."""
 
     scheme = "fp8"
+    storage_dtype = torch.float8_e4m3fn
+    qmax = FP8_MAX
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-        out_features, in_features = qweight.shape
-        super().__init__(in_features, out_features, bias)
-        assert qweight.dtype == torch.float8_e4m3fn and scale.shape == (out_features,)
-        self.register_buffer("qweight", qweight)  # [N, K] float8_e4m3fn
-        self.register_buffer("scale", scale)  # [N] float32
+    @staticmethod
+    def _round(scaled: torch.Tensor) -> torch.Tensor:
+        return scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
     @classmethod
     def from_float(cls, weight, bias=None):
         check_fp8_device(weight.device)
-        w = weight.detach().float()
-        scale = _per_row_scale(w, FP8_MAX)
-        q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return cls(q, scale, None if bias is None else bias.detach().clone())
-
-    @classmethod
-    def empty(cls, in_features, out_features, bias, device="meta"):
-        return cls(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device),
-                   torch.empty(out_features, dtype=torch.float32, device=device),
-                   torch.empty(out_features, device=device) if bias else None)
+        return super().from_float(weight, bias)
 
     def _apply(self, fn, recurse=True):
         # Checked where the weights land (.to / .cuda), not in forward: the hot path stays free of
@@ -235,17 +242,6 @@ class Fp8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.fp8_linear(x, self.qweight, self.scale, self.bias)
-
-    def dequantize(self):
-        return self.qweight.float() * self.scale[:, None]
-
-    def shard(self, dim, index, count):
-        _check_shard(self, dim, index, count)
-        if dim == 0:
-            return Fp8Linear(_piece(self.qweight, 0, index, count), _piece(self.scale, 0, index, count),
-                             self._shard_bias(dim, index, count))
-        return Fp8Linear(_piece(self.qweight, 1, index, count), self.scale.clone(),
-                         self._shard_bias(dim, index, count))
 
 
 def check_group_size(in_features: int, group_size: int, name: str | None = None) -> None:
