@@ -200,10 +200,7 @@ def iter_bench(options: BenchOptions, progress: Progress | None = None) -> Itera
     report = progress or (lambda line: None)
     validate(options)
     device = pick_device(options.device)
-    if options.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = parse_dtype(options.dtype)
+    dtype = parse_dtype(options.dtype, device)
     compiled = device.type == "cuda" if options.compile is None else options.compile
     report(f"measuring peak bandwidth on {device}")
     peak = measure_copy_bandwidth(device, options.peak_copy_bytes)

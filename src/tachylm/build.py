@@ -17,10 +17,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """Map a user-facing dtype name to torch (ValueError lists the choices)."""
+def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """Map a user-facing dtype name to torch (ValueError lists the choices).
+
+    "auto" (needs `device`) is bfloat16 on CUDA and float32 elsewhere.
+    """
+    if name == "auto" and device is not None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

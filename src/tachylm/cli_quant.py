@@ -35,9 +35,7 @@ def _progress(line: str) -> None:
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
     device = pick_device(args.device)
-    if args.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, parse_dtype(args.dtype)
+    return device, parse_dtype(args.dtype, device)
 
 
 def _read_text(path: str, what: str) -> str:

@@ -155,10 +155,7 @@ class Engine:
             progress: called with progress lines (downloads, loading).
         """
         torch_device = pick_device(device)
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-        else:
-            torch_dtype = parse_dtype(dtype)
+        torch_dtype = parse_dtype(dtype, torch_device)
         path = resolve_model(ref, cache_dir=cache_dir, progress=progress)
         if progress:
             progress(f"loading {path}")
