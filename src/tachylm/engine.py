@@ -180,7 +180,11 @@ class Engine:
             model = build_model(checkpoint, device="cpu" if quant else torch_device, dtype=torch_dtype,
                                 max_seq_len=max_seq_len)
             apply_quant_option(model, quant, group_size, quant_head, progress, device=torch_device)
-        tokenizer = load_tokenizer(path)
+        if not quantized and path.endswith(".gguf"):
+            # The reader already parsed the GGUF header; its vocabulary is in the metadata.
+            tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata, source=path)
+        else:
+            tokenizer = load_tokenizer(path)
         template = None
         if chat_template_file is not None or tokenizer.chat_template is not None:
             template = ChatTemplate.for_tokenizer(tokenizer, chat_template_file)
