@@ -10,10 +10,8 @@ torch.compile with CUDA graphs) run where a GPU is present.
 
 import importlib.util
 import json
-import os
 import re
 import struct
-import subprocess
 import sys
 import zlib
 
@@ -25,10 +23,9 @@ from torch import nn
 
 from tachylm.kernels import quant_matmul as qm
 from tachylm.kernels.linear import FastLinear, use_fast_linears
+from triton_interpreter import patch_interpreter, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,38 +473,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCHEMES = {"int8": qm.INT8, "fp8": qm.FP8, "int4": qm.INT4, "dense": qm.DENSE}
 
 
-def _patch_interpreter():
-    """Work around two gaps of Triton 3.6's interpreter (the GPU compiler is not affected).
-
-    It converts loop bounds with int() on one-element arrays, which numpy >= 2.4 rejects, and it
-    multiplies bfloat16 `tl.dot` operands as their raw uint16 storage.
-    """
-    import triton.language as tl
-    import triton.runtime.interpreter as interp
-
-    patch_tensor = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interp._patch_lang_tensor = patched
-    create_dot = interp.InterpreterBuilder.create_dot
-
-    def dot(self, a, b, d, *rest):
-        def widen(h):
-            if h.dtype == tl.bfloat16:
-                return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32),
-                                           tl.float32)
-            return h
-        return create_dot(self, widen(a), widen(b), d, *rest)
-
-    interp.InterpreterBuilder.create_dot = dot
-
-
 def _interpreter_child():
     """Run every case of CASES with the Triton interpreter; print one JSON object of results."""
-    _patch_interpreter()
+    patch_interpreter()
     results = {}
     for name, (scheme, m, dtype, group, config, with_bias, k) in CASES.items():
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -529,7 +497,7 @@ def _interpreter_child():
                 kind = config.pop("kind", None)
                 out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias, config,
                                kind)
-            counters = int(qm._split_counters(x.device).abs().sum())
+            counters = int(qm.split_counters(x.device).abs().sum())
             results[name] = {"rel": rel_err(out, oracle(scheme, x, weights, group, bias)),
                              "dtype": str(out.dtype), "shape": list(out.shape),
                              "finite": bool(torch.isfinite(out).all()), "counters": counters}
@@ -558,14 +526,7 @@ def _interpreter_child():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (pip install triton) to run the kernels interpreted")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES) + list(OP_CASES))
@@ -681,7 +642,7 @@ def _cuda_layer(scheme, n, k, group, gen):
 
 
 def _counters_sum() -> int:
-    return int(qm._split_counters(torch.device("cuda", torch.cuda.current_device())).abs().sum())
+    return int(qm.split_counters(torch.device("cuda", torch.cuda.current_device())).abs().sum())
 
 
 @cuda

@@ -4,8 +4,9 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tachylm"
-# Top to bottom. kernels/ sits above quant/ because the quantized Linears call the kernels.
-LAYERS = ["config", "checkpoints", "tokenizer", "chat", "model", "cache", "kernels", "quant", "build",
+# Top to bottom. kernels/ imports nothing of tachylm; the model (decode attention) and the
+# quantized Linears call it.
+LAYERS = ["config", "kernels", "checkpoints", "tokenizer", "chat", "model", "cache", "quant", "build",
           "evaluate", "sampling", "steps", "generate", "engine"]
 FRONT_ENDS = {"bench", "cli_bench", "cli_quant", "cli", "__main__"}
 

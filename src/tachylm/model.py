@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tachylm.config import ModelConfig, rope_frequencies
+from tachylm.kernels.attention import decode_attention
 
 if TYPE_CHECKING:  # the cache is passed in; the model only calls its update()
     from tachylm.cache import KVCache
@@ -109,6 +110,9 @@ class Attention(nn.Module):
             k, v = cache.update(layer, input_pos, k, v)
             if kv_limit is not None:  # attend over the filled slots only
                 k, v = k[:, :, :kv_limit], v[:, :, :kv_limit]
+            if seq == 1:  # decode: a kernel that reads only the filled part of the cache
+                out = decode_attention(q[:, :, 0], k, v, input_pos[:, 0])  # [B, H, D]
+                return self.o_proj(out.reshape(batch, 1, self.q_size))
             k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None:
             if self.n_kv_heads != self.n_heads:

@@ -58,7 +58,7 @@ is a `torch.library.custom_op` with a fake (shape) implementation, so the compil
 the Triton launch code. Autotuning runs at the first call of each shape (a few seconds per shape,
 weights read from DRAM: see `_tuning_bench`); make that call (a warm-up) before capturing a CUDA
 graph, as `torch.compile(mode="reduce-overhead")` does by itself (its warm-up run may be the very
-first call: the split-K counters are allocated so that this is safe, see `_split_counters`).
+first call: the split-K counters are allocated so that this is safe, see `split_counters`).
 """
 
 import concurrent.futures
@@ -689,9 +689,12 @@ def _tuning_bench(fn, quantiles):
 
 def _autotune_kwargs() -> dict:
     params = inspect.signature(triton.autotune).parameters
+    # Where Triton can, the chosen config is kept in its on-disk cache (TRITON_CACHE_DIR), so a
+    # second process skips the timing runs of every shape.
+    kwargs = {"cache_results": True} if "cache_results" in params else {}
     if "do_bench" in params:
-        return {"do_bench": _tuning_bench}
-    return {"warmup": 5, "rep": 25}  # older Triton: its own do_bench
+        return {**kwargs, "do_bench": _tuning_bench}
+    return {**kwargs, "warmup": 5, "rep": 25}  # older Triton: its own do_bench
 
 
 def _make_configs(scheme: int, kind: str, group: int) -> list:
@@ -726,8 +729,9 @@ _SPLIT_COUNTERS: dict = {}
 _COUNTER_SLOTS = 4096
 
 
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """Per-device arrival counters for split-K; every launch leaves them at zero again.
+def split_counters(device: torch.device, needed: int = 0) -> torch.Tensor:
+    """Per-device arrival counters for split-K (and split-KV attention); every launch leaves
+    them at zero again, so kernels on one stream share them. `needed`: slots the launch uses.
 
     They live as long as the process, so they must not come from a CUDA-graph memory pool. During
     the warm-up runs of torch.compile's CUDA-graph trees (which may be the first call of a layer)
@@ -736,6 +740,8 @@ def _split_counters(device: torch.device) -> torch.Tensor:
     cudagraph pool not tracked as outputs") or is handed out again when they restore a pool
     checkpoint. Allocations of other threads are not redirected, so a helper thread makes them.
     """
+    if needed > _COUNTER_SLOTS:
+        raise RuntimeError(f"a split launch needs {needed} counters, more than {_COUNTER_SLOTS}")
     counters = _SPLIT_COUNTERS.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -838,11 +844,9 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     else:
         max_split = config["SPLIT_K"]
         n_blocks = _cdiv(n, config["BLOCK_N"]) if max_split > 1 else 0
-    if n_blocks > _COUNTER_SLOTS:
-        raise RuntimeError(f"split-K needs {n_blocks} counters, more than {_COUNTER_SLOTS}")
     ws = torch.empty((max_split if max_split > 1 else 0, m, n), dtype=torch.float32,
                      device=x.device)
-    counters = _split_counters(x.device)
+    counters = split_counters(x.device, n_blocks)
     bias_arg = out if bias is None else bias
     # Inline PTX on the GPU; the interpreter (CPU tensors) runs the plain Triton forms.
     fast = x.is_cuda

@@ -1,0 +1,253 @@
+"""Decode attention: one new query per row against the filled part of a static KV cache.
+
+A compiled decode step keeps static shapes, so attention through `scaled_dot_product_attention`
+reads the whole cache every token (masking the empty slots) and pays a fixed cost per layer even
+at short context. `decode_attention` reads only slots [0, position] of each row, where the positions
+are a device tensor (no host sync, valid under CUDA graphs):
+
+* `decode_attention_ref`: masked SDPA over the whole cache. The CPU path and the oracle.
+* `_decode_attn_kernel` (Triton, CUDA): split-KV ("flash decoding"). Grid (B * KVH, SPLITS):
+  each program takes one kv head, all the query heads that share it (grouped-query attention reads
+  each kv head once) and one of SPLITS equal slices of that row's filled length, computed on the
+  device, so the work spreads over the GPU whatever the length. It keeps an online softmax in
+  float32 and stores a normalised partial output and its log-sum-exp. The last program of a head
+  to arrive (an atomic on a self-resetting counter, as the GEMV kernels' split-K) merges the
+  partials in a fixed order: one launch, deterministic results.
+
+Layouts: q [B, H, D]; k, v [B, KVH, S, D] (the cache's layer views; the D axis contiguous);
+input_pos [B] integer, the position of each row's query, 0 <= input_pos[b] < S (it attends
+to slots 0..input_pos[b]); out [B, H, D] in q's dtype. H is a multiple of KVH
+and the query heads h of kv head j are j * (H / KVH) ... (j + 1) * (H / KVH) - 1, as in
+`model.grouped_attention`. The softmax scale is 1 / sqrt(D) (SDPA's default).
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tachylm.kernels.quant_matmul import HAS_TRITON, split_counters
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BLOCK_S = 64  # cache slots per tile: [64, D] keys and values per step
+_MAX_SPLITS = 64
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"decode_attention: expected q [B, H, D] and k, v [B, KVH, S, D], got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    batch, n_heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim or n_heads % k.shape[1]:
+        raise ValueError(f"decode_attention: q {list(q.shape)} does not fit k/v {list(k.shape)} "
+                         "(batch and head size must match, H a multiple of KVH)")
+    if input_pos.shape != (batch,) or input_pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: input_pos must be an integer tensor [{batch}], got "
+                         f"{input_pos.dtype} {list(input_pos.shape)}")
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         input_pos: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row over cache slots 0..input_pos[b]; see the module docstring.
+
+    Args:
+        q: [B, H, D]; k, v: [B, KVH, S, D]; input_pos: [B] integer, each in 0..S-1.
+    Returns:
+        [B, H, D] in q's dtype.
+    """
+    _check(q, k, v, input_pos)
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads, slots = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    # Query heads of a kv head folded into the query axis: each kv head is read once.
+    qg = q.reshape(batch, n_kv_heads, group, head_dim)
+    mask = torch.arange(slots, device=q.device)[None, :] <= input_pos[:, None]  # [B, S]
+    out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype),
+                                         attn_mask=mask[:, None, None, :])
+    return out.reshape(batch, n_heads, head_dim)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # float32 operands would otherwise be rounded to tf32; 16-bit ones multiply exactly.
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _decode_attn_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_pos, qk_scale,
+        N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid_h = tl.program_id(0)  # b * N_KV_HEADS + kv head
+        pid_s = tl.program_id(1)
+        b = pid_h // N_KV_HEADS
+        kvh = pid_h % N_KV_HEADS
+        length = tl.load(pos_ptr + b * stride_pos).to(tl.int32) + 1
+        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S
+        start = pid_s * per_split
+        end = tl.minimum(length, start + per_split)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_s = tl.arange(0, BLOCK_S)
+        g_ok = offs_g < GROUP
+        heads = kvh * GROUP + offs_g  # query heads of this kv head (rows past GROUP are padding)
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_ok[:, None], other=0.0)
+        k_base = k_ptr + b * stride_kb + kvh * stride_kh
+        v_base = v_ptr + b * stride_vb + kvh * stride_vh
+
+        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running max (log2 units)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp2
+        acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            slots = s0 + offs_s
+            s_ok = slots < end
+            kt = tl.load(k_base + slots[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None],
+                         other=0.0)
+            vt = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :], mask=s_ok[:, None],
+                         other=0.0)
+            scores = _dot(q, tl.trans(kt), PRECISION) * qk_scale  # [G, S]
+            scores = tl.where(s_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
+            m_i = m_new
+
+        # Partial of this slice: normalised output and log2-sum-exp2 (-inf for an empty slice).
+        has = l_i > 0
+        part = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        rows = pid_h * GROUP + offs_g  # = b * H + head
+        ws_rows = (rows * SPLITS + pid_s)
+        tl.store(ws_ptr + ws_rows[:, None] * HEAD_DIM + offs_d[None, :], part, mask=g_ok[:, None])
+        tl.store(lse_ptr + ws_rows, lse, mask=g_ok)
+        # Publish after every thread's stores (release); the last arrival's acquire orders its
+        # reads of the other slices after theirs.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            lse_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+            for s in tl.static_range(SPLITS):
+                lse_max = tl.maximum(lse_max, tl.load(lse_ptr + rows * SPLITS + s, mask=g_ok,
+                                                      other=float("-inf"), cache_modifier=".cg"))
+            lse_max = tl.where(g_ok, lse_max, 0.0)
+            total = tl.zeros((BLOCK_G,), tl.float32)
+            merged = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+            for s in tl.static_range(SPLITS):  # fixed order: deterministic
+                w = tl.exp2(tl.load(lse_ptr + rows * SPLITS + s, mask=g_ok, other=float("-inf"),
+                                    cache_modifier=".cg") - lse_max)
+                part_s = tl.load(ws_ptr + (rows * SPLITS + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                 mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                merged += w[:, None] * part_s
+                total += w
+            merged = merged / tl.where(g_ok, total, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     merged.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            tl.atomic_xchg(cnt_ptr + pid_h, 0, sem="relaxed", scope="gpu")
+
+
+def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int) -> int:
+    """Slices per kv head: enough programs for two per SM, never more than tiles in the cache."""
+    splits = 1
+    tiles = -(-slots // _BLOCK_S)
+    while batch * n_kv_heads * splits < 2 * sms and splits < _MAX_SPLITS and splits * 2 <= tiles:
+        splits *= 2
+    return splits
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few slices, so tests cover the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            input_pos: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); arguments as the ref.
+
+    `splits` overrides `choose_splits` (tests). q, k and v must share one dtype.
+    """
+    _check(q, k, v, input_pos)
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in ATTENTION_DTYPES):
+        raise ValueError(f"decode_attention_triton: q, k, v must share one of {ATTENTION_DTYPES}, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads, slots = k.shape[1], k.shape[2]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"decode_attention_triton: head size {head_dim} must be a power of two "
+                         ">= 16")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode_attention_triton: {name} must be contiguous along D")
+    group = n_heads // n_kv_heads
+    if splits is None:
+        splits = choose_splits(batch, n_kv_heads, slots, _sm_count(q.device))
+    out = torch.empty_like(q)
+    ws = torch.empty((batch * n_heads * splits, head_dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch * n_heads * splits,), dtype=torch.float32, device=q.device)
+    counters = split_counters(q.device, batch * n_kv_heads)
+    qk_scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # natural exp -> exp2
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _decode_attn_kernel[(batch * n_kv_heads, splits)](
+            q, k, v, input_pos, out, ws, lse, counters,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+            input_pos.stride(0), qk_scale,
+            N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits,
+            PRECISION=q.dtype == torch.float32,
+            num_warps=4, num_stages=2)
+    return out
+
+
+@torch.library.custom_op("tachylm::decode_attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor")
+def _decode_attention_op(q, k, v, input_pos):
+    return decode_attention_triton(q, k, v, input_pos)
+
+
+@_decode_attention_op.register_fake
+def _decode_attention_fake(q, k, v, input_pos):
+    return torch.empty_like(q)
+
+
+def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    head_dim = q.shape[-1]
+    return (HAS_TRITON and q.is_cuda and q.dtype == k.dtype == v.dtype
+            and q.dtype in ATTENTION_DTYPES and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     input_pos: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row over cache slots 0..input_pos[b].
+
+    The Triton split-KV kernel on CUDA (reads only the filled slots); `decode_attention_ref`
+    elsewhere or for layouts the kernel does not take. Works under torch.compile and CUDA graphs
+    (a custom op; the positions stay on the device).
+
+    Args:
+        q: [B, H, D]; k, v: [B, KVH, S, D] (a layer of the KV cache); input_pos: [B] integer.
+    Returns:
+        [B, H, D] in q's dtype.
+    """
+    if not _kernel_applies(q, k, v):
+        return decode_attention_ref(q, k, v, input_pos)
+    _check(q, k, v, input_pos)
+    return _decode_attention_op(q, k, v, input_pos)

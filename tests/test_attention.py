@@ -1,0 +1,156 @@
+"""Decode attention: the reference against float64, the Triton kernel (interpreted) against the
+reference, and on a GPU the kernel under torch.compile with CUDA graphs."""
+
+import importlib.util
+import json
+import sys
+import zlib
+
+import pytest
+import torch
+
+from tachylm.kernels.attention import choose_splits, decode_attention, decode_attention_ref
+from triton_interpreter import patch_interpreter, run_child
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def oracle(q, k, v, input_pos):
+    """float64 softmax attention, row by row and head by head."""
+    batch, n_heads, _ = q.shape
+    group = n_heads // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        n = int(input_pos[b]) + 1
+        for h in range(n_heads):
+            keys, values = k[b, h // group, :n].double(), v[b, h // group, :n].double()
+            scores = keys @ q[b, h].double() / q.shape[-1] ** 0.5
+            out[b, h] = torch.softmax(scores, 0) @ values
+    return out
+
+
+def inputs(name, batch, n_heads, n_kv_heads, slots, head_dim, dtype, positions):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    q = torch.randn(batch, n_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, n_kv_heads, slots, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, n_kv_heads, slots, head_dim, generator=gen).to(dtype)
+    return q, k, v, torch.tensor(positions)
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (8, 2), (6, 1)])
+def test_reference_matches_float64(n_heads, n_kv_heads):
+    q, k, v, pos = inputs(f"ref{n_heads}", 3, n_heads, n_kv_heads, 40, 16, torch.float32, [0, 17, 39])
+    assert rel_err(decode_attention_ref(q, k, v, pos), oracle(q, k, v, pos)) < 1e-5
+
+
+def test_stale_slots_past_the_position_are_ignored():
+    q, k, v, pos = inputs("stale", 2, 4, 2, 32, 16, torch.float32, [5, 20])
+    out = decode_attention(q, k, v, pos)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 6:] = 1e4  # garbage after row 0's position
+    v2[1, :, 21:] = -3e3
+    assert torch.equal(decode_attention(q, k2, v2, pos), out)
+
+
+def test_bad_shapes_raise_clear_errors():
+    q, k, v, pos = inputs("bad", 2, 6, 4, 8, 16, torch.float32, [1, 2])
+    with pytest.raises(ValueError, match="multiple of KVH"):
+        decode_attention(q, k, v, pos)
+    q, k, v, pos = inputs("bad2", 2, 4, 2, 8, 16, torch.float32, [1, 2])
+    with pytest.raises(ValueError, match="input_pos must be an integer tensor"):
+        decode_attention(q, k, v, pos.float())
+
+
+def test_splits_cover_the_gpu_but_not_past_the_cache():
+    assert choose_splits(1, 8, 131072, 132) == 64  # 8 kv heads: 64 slices fill 2 x 132 SMs
+    assert choose_splits(8, 8, 131072, 132) == 8
+    assert choose_splits(1, 8, 256, 132) == 4  # 256 slots are 4 tiles of 64
+    assert choose_splits(64, 8, 4096, 132) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernel under the interpreter (a child process: the switch precedes importing triton)
+# ----------------------------------------------------------------------------------------------
+
+# name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits)
+CASES = {
+    "mha-fp32-split4": (1, 4, 4, 130, 16, "fp32", [129], 4),
+    "gqa-bf16-ragged": (2, 8, 2, 200, 32, "bf16", [0, 136], 4),
+    "gqa-fp16-empty-slices": (3, 6, 3, 64, 16, "fp16", [63, 4, 32], 8),
+    "group12-fp32-split8": (2, 12, 1, 300, 64, "fp32", [298, 6], 8),
+    "one-split": (1, 4, 2, 100, 16, "fp32", [99], 1),
+}
+
+
+def _interpreter_child():
+    patch_interpreter()
+    from tachylm.kernels import quant_matmul as qm
+    from tachylm.kernels.attention import decode_attention_triton
+
+    results = {}
+    for name, (batch, heads, kv_heads, slots, head_dim, dtype, pos, splits) in CASES.items():
+        q, k, v, input_pos = inputs(name, batch, heads, kv_heads, slots, head_dim, DTYPES[dtype], pos)
+        try:
+            out = decode_attention_triton(q, k, v, input_pos, splits=splits)
+            results[name] = {"rel": rel_err(out, oracle(q, k, v, input_pos)),
+                             "dtype": str(out.dtype), "shape": list(out.shape),
+                             "counters": int(qm.split_counters(q.device).abs().sum())}
+        except Exception as e:  # reported to the parent test
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_child(__file__)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_kernel_interpreted(interpreted, name):
+    result = interpreted[name]
+    assert "error" not in result, result.get("error")
+    batch, heads, _, _, head_dim, dtype = CASES[name][:6]
+    assert result["shape"] == [batch, heads, head_dim]
+    assert result["dtype"] == str(DTYPES[dtype])
+    assert result["rel"] < {"fp32": 1e-5, "bf16": 2e-2, "fp16": 3e-3}[dtype]
+    assert result["counters"] == 0  # every launch leaves its arrival counters at zero
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
+                          reason="needs a CUDA GPU and triton")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_cuda_kernel_matches_reference(dtype):
+    q, k, v, pos = inputs("cuda" + dtype, 3, 32, 8, 4096, 128, DTYPES[dtype], [0, 700, 4095])
+    q, k, v, pos = (t.cuda() for t in (q, k, v, pos))
+    out = decode_attention(q, k, v, pos)
+    assert rel_err(out.cpu(), oracle(q.cpu(), k.cpu(), v.cpu(), pos.cpu())) < {
+        "fp32": 1e-5, "bf16": 2e-2, "fp16": 3e-3}[dtype]
+
+
+@cuda
+def test_cuda_graph_follows_the_positions():
+    """Under torch.compile with CUDA graphs the positions are read on the device at each replay."""
+    q, k, v, _ = inputs("graph", 1, 32, 8, 2048, 128, torch.bfloat16, [0])
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    step = torch.compile(decode_attention, fullgraph=True, mode="reduce-overhead")
+    for position in (5, 5, 5, 100, 2047, 64):
+        pos = torch.tensor([position], device="cuda")
+        out = step(q, k, v, pos).clone()
+        ref = decode_attention_ref(q.float(), k.float(), v.float(), pos)
+        assert rel_err(out.cpu(), ref.double().cpu()) < 2e-2, position
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
+    _interpreter_child()
