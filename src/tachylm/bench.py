@@ -101,6 +101,7 @@ class BenchOptions:
         fast_linear: on CUDA, route small-batch float Linears through tachylm's Triton GEMV
             (tachylm.kernels.linear.FastLinear) instead of cuBLAS.
         compile_backend: torch.compile backend for Steps ("eager" makes CPU tests fast).
+        compile_tuning: Inductor's coordinate-descent tuning (Steps' `tuning`), on CUDA.
         batches: one decode run (and one long-context run) per batch size.
         prefill: prompt lengths for batch-1 prefill runs (empty = none).
         context: if > 0, also time decode with the cache filled up to this position.
@@ -122,6 +123,7 @@ class BenchOptions:
     quant_head: bool = False
     fast_linear: bool = True
     compile_backend: str = "inductor"
+    compile_tuning: bool = False
     batches: tuple[int, ...] = (1,)
     prompt_len: int = 5
     new_tokens: int = 200
@@ -210,6 +212,7 @@ def iter_bench(options: BenchOptions, progress: Progress | None = None) -> Itera
     common = {**environment(device), "shape": options.shape, "model": options.model,
               "command": options.command, "compiled": compiled,
               "compile_backend": options.compile_backend if compiled else None,
+              "compile_tuning": options.compile_tuning if compiled else None,
               "dtype": str(dtype).removeprefix("torch."),
               "quant": options.quant, "group_size": options.group_size if options.quant == "int4" else None,
               "quant_head": options.quant_head if options.quant else None,
@@ -357,12 +360,11 @@ def _random_ids(config: ModelConfig, batch: int, length: int, seed: int, device)
 def _reset_cache(cache: KVCache, context: int, seed: int) -> None:
     """Zero the cache and write seeded random keys/values into positions [0, context): the same
     state a real prefill of `context` tokens leaves, as far as speed is concerned."""
-    cache.k.zero_()
-    cache.v.zero_()
+    cache.zero_()
     if context:
-        generator = torch.Generator(device=cache.k.device).manual_seed(seed)
-        cache.k[:, :, :, :context].normal_(generator=generator)
-        cache.v[:, :, :, :context].normal_(generator=generator)
+        generator = torch.Generator(device=cache.device).manual_seed(seed)
+        for t in cache.k + cache.v:
+            t[:, :, :context].normal_(generator=generator)
 
 
 def _kv_bytes_per_position(cache: KVCache) -> int:
@@ -376,9 +378,9 @@ def _decode_run(model, batch, context, compiled, params, tolerance, options, rep
     cache = KVCache(config.n_layers, batch, _cache_length(context + prompt_len + new_tokens, config),
                     config.n_kv_heads, config.head_dim, device=model.rope_cos.device, dtype=dtype)
     steps = Steps(model, cache, compile_decode=compiled,
-                  backend=options.compile_backend)
-    prompts = _random_ids(config, batch, prompt_len, options.seed, cache.k.device)
-    settings = to_tensors([params] * batch, cache.k.device)
+                  backend=options.compile_backend, tuning=options.compile_tuning)
+    prompts = _random_ids(config, batch, prompt_len, options.seed, cache.device)
+    settings = to_tensors([params] * batch, cache.device)
     plan = plan_for([params], config.vocab_size)
     _reset_cache(cache, context, options.seed)
     report("warm-up" + (" (compiling)" if compiled else ""))
@@ -421,10 +423,10 @@ def _prefill_run(model, length, compiled, tolerance, options) -> dict:
                     device=model.rope_cos.device, dtype=dtype)
     steps = Steps(model, cache, compile_prefill=compiled and options.compile_prefill,
                   backend=options.compile_backend)
-    prompt = _random_ids(config, 1, length, options.seed, cache.k.device)
+    prompt = _random_ids(config, 1, length, options.seed, cache.device)
 
     def once() -> float:  # time to first token: prefill, greedy pick, token on the host
-        _sync(cache.k.device)
+        _sync(cache.device)
         start = time.perf_counter()
         steps.prefill(prompt, 0).argmax(-1).cpu()
         return time.perf_counter() - start
@@ -433,7 +435,7 @@ def _prefill_run(model, length, compiled, tolerance, options) -> dict:
     check = None
     if options.check:
         greedy = SamplingParams.greedy_params()
-        check = _check(steps, prompt, 0, 0, to_tensors([greedy], cache.k.device),
+        check = _check(steps, prompt, 0, 0, to_tensors([greedy], cache.device),
                        plan_for([greedy], config.vocab_size), lambda: _reset_cache(cache, 0, 0), tolerance)
     gc.collect()
     times = [once() for _ in range(options.repeats)]

@@ -11,11 +11,15 @@ captured over the cache stay valid.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
-class KVCache(nn.Module):
-    """Key/value buffers of shape [n_layers, batch, n_kv_heads, max_seq_len, head_dim].
+class KVCache:
+    """Key/value buffers, one pair per layer, each [batch, n_kv_heads, max_seq_len, head_dim].
+
+    One buffer per layer, not one [n_layers, ...] tensor: a compiled step that writes into a view
+    of one big tensor is functionalised into a copy of the whole tensor per write (torch.compile
+    rebuilds the base of a mutated view), which at a 16k context made each token copy the whole
+    cache once per layer. Separate buffers are written in place.
 
     Args:
         n_layers, batch_size, max_seq_len, n_kv_heads, head_dim: sizes.
@@ -24,24 +28,39 @@ class KVCache(nn.Module):
 
     def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int,
                  head_dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        super().__init__()
-        shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("batch_index", torch.arange(batch_size, device=device)[:, None],
-                             persistent=False)
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_index = torch.arange(batch_size, device=device)[:, None]
+        for t in self.k + self.v + [self.batch_index]:
+            # Fixed addresses: CUDA graphs read and write these buffers in place. Unmarked, a
+            # mutated input makes torch.compile skip CUDA graphs altogether.
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.k)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def zero_(self) -> None:
+        """Clear every buffer (a fresh cache)."""
+        for t in self.k + self.v:
+            t.zero_()
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

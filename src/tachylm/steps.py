@@ -37,15 +37,21 @@ class Steps:
         compile_decode: compile the decode step (CUDA graphs on a GPU).
         compile_prefill: compile prefill (dynamic length, so prompts do not recompile).
         backend: torch.compile backend ("inductor"; "eager"/"aot_eager" for fast CPU tests).
+        tuning: Inductor's coordinate-descent tuning on CUDA. It finds better launch parameters
+            for matrix-vector products Inductor generates itself (models without FastLinear or
+            quantized Linears); with tachylm's GEMV and attention kernels only small pointwise
+            kernels are left to it, and on an H100 (Llama-3.1-8B shape) it cost 14 s of cold and
+            28 s of warm compile time for no speed (BENCHMARKS.md), so it is off by default.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, *, compile_decode: bool = False,
-                 compile_prefill: bool = False, backend: str = "inductor"):
+                 compile_prefill: bool = False, backend: str = "inductor", tuning: bool = False):
         self.model = model
         self.cache = cache
         self.compile_decode = compile_decode
         self.compile_prefill = compile_prefill
         self.backend = backend
+        self.tuning = tuning
         self._decode_fns: dict[SamplingPlan, Callable] = {}
         self._prefill_fn = self._prefill_impl
         if compile_prefill:
@@ -58,11 +64,12 @@ class Steps:
             return None
         # triton.cudagraphs is what mode="reduce-overhead" turns on; coordinate-descent tuning
         # finds better launch parameters for the matrix-vector kernels of decode.
-        return {"triton.cudagraphs": cudagraphs, "coordinate_descent_tuning": self.device.type == "cuda"}
+        return {"triton.cudagraphs": cudagraphs,
+                "coordinate_descent_tuning": self.tuning and self.device.type == "cuda"}
 
     @property
     def device(self) -> torch.device:
-        return self.cache.k.device
+        return self.cache.device
 
     def _prefill_impl(self, tokens, input_pos, logit_index, kv_limit=None):
         return self.model(tokens, input_pos, self.cache, logit_index, kv_limit)[:, 0]
