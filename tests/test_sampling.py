@@ -92,3 +92,33 @@ def test_seed_reproduces():
 def test_bad_parameters_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, top_k=4, top_p=1.0),
+    SamplingParams(temperature=0.7, top_k=6, top_p=0.6),
+    SamplingParams(temperature=1.0, top_k=5, top_p=1.0, min_p=0.3),
+])
+def test_pairwise_ranks_keep_the_same_tokens_as_sorting(params, monkeypatch):
+    """The unsorted top-k ranked pairwise (few candidates) filters like the sorted one."""
+    import tachylm.sampling as sampling
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 50, generator=gen)
+    logits[0, 10] = logits[0, 11] = logits.max() + 0.5  # a tie at the top
+    kept = []
+    for limit in (512, 0):  # pairwise, then sorted
+        monkeypatch.setattr(sampling, "PAIRWISE_RANKS", limit)
+        torch.manual_seed(0)
+        kept.append(set(_draw(logits, params, n=6000).tolist()))
+    assert kept[0] == kept[1]
+    assert len(kept[0]) <= params.top_k
+
+
+def test_mixed_greedy_rows_take_the_top_candidate():
+    params = [SamplingParams.greedy_params(), SamplingParams(temperature=1.0, top_k=2, top_p=1.0)]
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 1.0, -2.0]])
+    plan = plan_for(params, 4)
+    assert plan.candidates == 2
+    out = sample(logits, to_tensors(params, "cpu"), plan)
+    assert out[0].item() == 1 and out[1].item() in (0, 2)

@@ -14,6 +14,9 @@ from typing import NamedTuple
 
 import torch
 
+# Up to this many top-k candidates are ranked pairwise (a [B, k, k] comparison) instead of sorted.
+PAIRWISE_RANKS = 512
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -120,19 +123,38 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         penalty = settings.repetition_penalty[:, None]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalized, logits)
-    greedy_tokens = logits.argmax(dim=-1)
     scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
+    top_k = None
     if plan.candidates:
+        top_k = torch.where(settings.top_k > 0, settings.top_k, plan.candidates)[:, None]
+    if 0 < plan.candidates <= PAIRWISE_RANKS:
+        # Unsorted top-k, ranked by pairwise comparison: over a few hundred candidates one fused
+        # kernel, where sorting them costs a slow single-block sort per step.
+        values, indices = scaled.topk(plan.candidates, dim=-1, sorted=False)
+        order = torch.arange(plan.candidates, device=logits.device)
+        # above[b, i, j]: candidate j ranks above candidate i (ties: the earlier one first)
+        above = ((values[:, None, :] > values[:, :, None])
+                 | ((values[:, None, :] == values[:, :, None]) & (order[None, :] < order[:, None])))
+        ranks = above.sum(dim=-1)
+        probs = torch.softmax(values.masked_fill(ranks >= top_k, float("-inf")), dim=-1)
+        before = (above * probs[:, None, :]).sum(dim=-1)  # probability mass ranked above each
+        best = probs.amax(dim=-1, keepdim=True)
+        # temperature only rescales, so the top candidate is also the greedy token
+        greedy_tokens = indices.gather(-1, values.argmax(dim=-1, keepdim=True))[:, 0]
+    elif plan.candidates:
         values, indices = scaled.topk(plan.candidates, dim=-1)  # sorted, descending
         ranks = torch.arange(plan.candidates, device=logits.device)[None, :]
-        top_k = torch.where(settings.top_k > 0, settings.top_k, plan.candidates)[:, None]
         probs = torch.softmax(values.masked_fill(ranks >= top_k, float("-inf")), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
-        keep = (before < settings.top_p[:, None]) & (probs >= settings.min_p[:, None] * probs[:, :1])
-        probs = probs * keep
+        best = probs[:, :1]
+        greedy_tokens = indices[:, 0]
     else:
         indices = None
         probs = torch.softmax(scaled, dim=-1)
+        greedy_tokens = logits.argmax(dim=-1)
+    if indices is not None:
+        keep = (before < settings.top_p[:, None]) & (probs >= settings.min_p[:, None] * best)
+        probs = probs * keep
     # exponential_ can return exactly 0 in float32; clamp so 0/0 never yields NaN
     race = probs / torch.empty_like(probs).exponential_(1).clamp_min_(1e-20)
     choice = race.argmax(dim=-1)
