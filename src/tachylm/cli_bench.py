@@ -1,8 +1,9 @@
 """`tachylm bench`: argv parsing, the human table, JSON lines and the bandwidth plot.
 
 The measuring itself is tachylm.bench. This front end also owns the one environment concern:
-`--compile-cache DIR` points Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) at DIR before
-anything compiles, so two processes with the same DIR give the cold and the warm compile time.
+`--compile-cache DIR` points Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) and Triton's
+(TRITON_CACHE_DIR, DIR/triton: kernel binaries and autotuning results) at DIR before anything
+compiles, so two processes with the same DIR give the cold and the warm compile time.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quant-head", action="store_true", help="quantize the output head too")
     p.add_argument("--fast-linear", action=argparse.BooleanOptionalAction, default=True,
                    help="Triton GEMV for small-batch float Linears on CUDA (default on)")
+    p.add_argument("--compile-tuning", action=argparse.BooleanOptionalAction, default=False,
+                   help="Inductor coordinate-descent tuning of the compiled step (default off: "
+                        "it helps only with --no-fast-linear and costs compile time)")
     p.add_argument("--compile-prefill", action="store_true",
                    help="also compile prefill (dynamic length) in the prefill runs")
     p.add_argument("--compile-backend", default="inductor",
@@ -90,12 +94,15 @@ def cmd_bench(args) -> int:
     if args.compile_cache is not None:
         os.makedirs(args.compile_cache, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(args.compile_cache)
+        # Triton's own cache: the GEMV kernels' binaries and their autotuning results.
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(os.path.abspath(args.compile_cache), "triton")
     command = getattr(args, "command_line", None) or shlex.join(["tachylm", *sys.argv[1:]])
     options = bench.BenchOptions(
         shape=args.shape if args.shape or args.model else DEFAULT_SHAPE, model=args.model,
         model_cache_dir=os.environ.get(MODEL_CACHE_ENV), device=args.device, dtype=args.dtype,
         compile=args.compile, compile_prefill=args.compile_prefill, quant=args.quant,
         group_size=args.group_size, quant_head=args.quant_head, fast_linear=args.fast_linear,
+        compile_tuning=args.compile_tuning,
         compile_backend=args.compile_backend, batches=args.batch,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, prefill=args.prefill, context=args.context,
         repeats=args.repeats, temperature=args.temperature, top_k=args.top_k, baseline=args.baseline,
