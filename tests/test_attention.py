@@ -16,8 +16,17 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def oracle(q, k, v, input_pos):
-    """float64 softmax attention, row by row and head by head."""
+def rotate(q, cos, sin):
+    """float64 rotary embedding of q [B, H, D] (pairs i, i + D/2) by cos/sin [B, D/2]."""
+    q1, q2 = q.double().chunk(2, dim=-1)
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    return torch.cat((q1 * c - q2 * s, q2 * c + q1 * s), dim=-1)
+
+
+def oracle(q, k, v, input_pos, cos=None, sin=None):
+    """float64 softmax attention, row by row and head by head (q rotated first if cos is given)."""
+    if cos is not None:
+        q = rotate(q, cos, sin)
     batch, n_heads, _ = q.shape
     group = n_heads // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
@@ -38,6 +47,13 @@ def inputs(name, batch, n_heads, n_kv_heads, slots, head_dim, dtype, positions):
     return q, k, v, torch.tensor(positions)
 
 
+def rotary(name, batch, head_dim):
+    """cos/sin [B, D/2] float32 of random angles."""
+    angles = torch.rand(batch, head_dim // 2, generator=torch.Generator().manual_seed(
+        zlib.crc32(name.encode()) + 1)) * 6.3
+    return angles.cos(), angles.sin()
+
+
 def rel_err(out, ref):
     return float((out.double() - ref).abs().max() / ref.abs().max())
 
@@ -46,6 +62,13 @@ def rel_err(out, ref):
 def test_reference_matches_float64(n_heads, n_kv_heads):
     q, k, v, pos = inputs(f"ref{n_heads}", 3, n_heads, n_kv_heads, 40, 16, torch.float32, [0, 17, 39])
     assert rel_err(decode_attention_ref(q, k, v, pos), oracle(q, k, v, pos)) < 1e-5
+
+
+def test_reference_rotates_q_like_the_model():
+    q, k, v, pos = inputs("rope", 2, 8, 2, 30, 32, torch.float32, [4, 29])
+    cos, sin = rotary("rope", 2, 32)
+    assert rel_err(decode_attention_ref(q, k, v, pos, cos, sin),
+                   oracle(q, k, v, pos, cos, sin)) < 1e-5
 
 
 def test_stale_slots_past_the_position_are_ignored():
@@ -64,6 +87,11 @@ def test_bad_shapes_raise_clear_errors():
     q, k, v, pos = inputs("bad2", 2, 4, 2, 8, 16, torch.float32, [1, 2])
     with pytest.raises(ValueError, match="input_pos must be an integer tensor"):
         decode_attention(q, k, v, pos.float())
+    cos, sin = rotary("bad2", 2, 16)
+    with pytest.raises(ValueError, match="both cos and sin"):
+        decode_attention(q, k, v, pos, cos, None)
+    with pytest.raises(ValueError, match="cos must be float32"):
+        decode_attention(q, k, v, pos, cos.double(), sin)
 
 
 def test_splits_cover_the_gpu_but_not_past_the_cache():
@@ -77,13 +105,15 @@ def test_splits_cover_the_gpu_but_not_past_the_cache():
 # The Triton kernel under the interpreter (a child process: the switch precedes importing triton)
 # ----------------------------------------------------------------------------------------------
 
-# name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits)
+# name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits, rotate q)
 CASES = {
-    "mha-fp32-split4": (1, 4, 4, 130, 16, "fp32", [129], 4),
-    "gqa-bf16-ragged": (2, 8, 2, 200, 32, "bf16", [0, 136], 4),
-    "gqa-fp16-empty-slices": (3, 6, 3, 64, 16, "fp16", [63, 4, 32], 8),
-    "group12-fp32-split8": (2, 12, 1, 300, 64, "fp32", [298, 6], 8),
-    "one-split": (1, 4, 2, 100, 16, "fp32", [99], 1),
+    "mha-fp32-split4": (1, 4, 4, 130, 32, "fp32", [129], 4, False),
+    "gqa-bf16-ragged": (2, 8, 2, 200, 32, "bf16", [0, 136], 4, False),
+    "gqa-fp16-empty-slices": (3, 6, 3, 64, 32, "fp16", [63, 4, 32], 8, False),
+    "group12-fp32-split8": (2, 12, 1, 300, 64, "fp32", [298, 6], 8, False),
+    "one-split": (1, 4, 2, 100, 32, "fp32", [99], 1, False),
+    "rope-fp32": (2, 8, 2, 150, 64, "fp32", [149, 3], 4, True),
+    "rope-bf16": (1, 32, 8, 256, 128, "bf16", [204], 4, True),
 }
 
 
@@ -93,11 +123,12 @@ def _interpreter_child():
     from tachylm.kernels.attention import decode_attention_triton
 
     results = {}
-    for name, (batch, heads, kv_heads, slots, head_dim, dtype, pos, splits) in CASES.items():
+    for name, (batch, heads, kv_heads, slots, head_dim, dtype, pos, splits, rope) in CASES.items():
         q, k, v, input_pos = inputs(name, batch, heads, kv_heads, slots, head_dim, DTYPES[dtype], pos)
+        cos, sin = rotary(name, batch, head_dim) if rope else (None, None)
         try:
-            out = decode_attention_triton(q, k, v, input_pos, splits=splits)
-            results[name] = {"rel": rel_err(out, oracle(q, k, v, input_pos)),
+            out = decode_attention_triton(q, k, v, input_pos, cos, sin, splits=splits)
+            results[name] = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
                              "dtype": str(out.dtype), "shape": list(out.shape),
                              "counters": int(qm.split_counters(q.device).abs().sum())}
         except Exception as e:  # reported to the parent test
@@ -133,10 +164,14 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_cuda_kernel_matches_reference(dtype):
     q, k, v, pos = inputs("cuda" + dtype, 3, 32, 8, 4096, 128, DTYPES[dtype], [0, 700, 4095])
-    q, k, v, pos = (t.cuda() for t in (q, k, v, pos))
+    cos, sin = rotary("cuda" + dtype, 3, 128)
+    q, k, v, pos, cos, sin = (t.cuda() for t in (q, k, v, pos, cos, sin))
+    tolerance = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 3e-3}[dtype]
     out = decode_attention(q, k, v, pos)
-    assert rel_err(out.cpu(), oracle(q.cpu(), k.cpu(), v.cpu(), pos.cpu())) < {
-        "fp32": 1e-5, "bf16": 2e-2, "fp16": 3e-3}[dtype]
+    assert rel_err(out.cpu(), oracle(q.cpu(), k.cpu(), v.cpu(), pos.cpu())) < tolerance
+    out = decode_attention(q, k, v, pos, cos, sin)
+    want = oracle(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), cos.cpu(), sin.cpu())
+    assert rel_err(out.cpu(), want) < tolerance
 
 
 @cuda

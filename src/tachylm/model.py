@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tachylm.config import ModelConfig, rope_frequencies
-from tachylm.kernels.attention import decode_attention
+from tachylm.kernels.attention import apply_rotary, decode_attention
 
 if TYPE_CHECKING:  # the cache is passed in; the model only calls its update()
     from tachylm.cache import KVCache
@@ -40,20 +40,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + head_dim/2) of each head (Hugging Face's half-split order).
-
-    Args:
-        x: [B, H, T, head_dim].
-        cos, sin: [B, 1, T, head_dim / 2], float32.
-    Returns:
-        [B, H, T, head_dim] in x's dtype.
-    """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
@@ -105,14 +91,17 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, input_pos, k, v)
             if kv_limit is not None:  # attend over the filled slots only
                 k, v = k[:, :, :kv_limit], v[:, :, :kv_limit]
-            if seq == 1:  # decode: a kernel that reads only the filled part of the cache
-                out = decode_attention(q[:, :, 0], k, v, input_pos[:, 0])  # [B, H, D]
-                return self.o_proj(out.reshape(batch, 1, self.q_size))
+            if seq == 1:
+                # Decode: one kernel rotates q and attends over the filled part of the cache.
+                out = decode_attention(q[:, :, 0], k, v, input_pos[:, 0], cos[:, 0, 0], sin[:, 0, 0])
+                return self.o_proj(out.reshape(batch, 1, self.q_size))  # out: [B, H, D]
+        q = apply_rotary(q, cos, sin)
+        if cache is not None:
             k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None:
             if self.n_kv_heads != self.n_heads:

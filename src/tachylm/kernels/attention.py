@@ -14,11 +14,15 @@ are a device tensor (no host sync, valid under CUDA graphs):
   to arrive (an atomic on a self-resetting counter, as the GEMV kernels' split-K) merges the
   partials in a fixed order: one launch, deterministic results.
 
+The kernel can also rotate q (rotary embedding, Hugging Face's half-split order) as it loads it,
+which saves the step a separate kernel per layer: pass the rotary cos/sin of each row's position.
+
 Layouts: q [B, H, D]; k, v [B, KVH, S, D] (the cache's layer views; the D axis contiguous);
 input_pos [B] integer, the position of each row's query, 0 <= input_pos[b] < S (it attends
 to slots 0..input_pos[b]); out [B, H, D] in q's dtype. H is a multiple of KVH
 and the query heads h of kv head j are j * (H / KVH) ... (j + 1) * (H / KVH) - 1, as in
-`model.grouped_attention`. The softmax scale is 1 / sqrt(D) (SDPA's default).
+`model.grouped_attention`. The softmax scale is 1 / sqrt(D) (SDPA's default). cos, sin
+[B, D / 2] float32 (optional): q is rotated by `apply_rotary` first.
 """
 
 import contextlib
@@ -38,7 +42,8 @@ _BLOCK_S = 64  # cache slots per tile: [64, D] keys and values per step
 _MAX_SPLITS = 64
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> None:
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"decode_attention: expected q [B, H, D] and k, v [B, KVH, S, D], got "
                          f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
@@ -49,18 +54,42 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.T
     if input_pos.shape != (batch,) or input_pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"decode_attention: input_pos must be an integer tensor [{batch}], got "
                          f"{input_pos.dtype} {list(input_pos.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError("decode_attention: give both cos and sin, or neither")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is not None and (tuple(t.shape) != (batch, head_dim // 2) or t.dtype != torch.float32):
+            raise ValueError(f"decode_attention: {name} must be float32 [{batch}, {head_dim // 2}], "
+                             f"got {t.dtype} {list(t.shape)}")
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of each head (Hugging Face's half-split order).
+
+    Args:
+        x: [..., head_dim].
+        cos, sin: float32, broadcastable to [..., head_dim / 2].
+    Returns:
+        x's shape and dtype (computed in float32).
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         input_pos: torch.Tensor) -> torch.Tensor:
+                         input_pos: torch.Tensor, cos: torch.Tensor | None = None,
+                         sin: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per row over cache slots 0..input_pos[b]; see the module docstring.
 
     Args:
         q: [B, H, D]; k, v: [B, KVH, S, D]; input_pos: [B] integer, each in 0..S-1.
+        cos, sin: optional [B, D / 2] float32: rotate q first.
     Returns:
         [B, H, D] in q's dtype.
     """
-    _check(q, k, v, input_pos)
+    _check(q, k, v, input_pos, cos, sin)
+    if cos is not None:
+        q = apply_rotary(q, cos[:, None], sin[:, None])
     batch, n_heads, head_dim = q.shape
     n_kv_heads, slots = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
@@ -84,12 +113,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_attn_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        stride_ob, stride_oh, stride_pos, qk_scale,
+        stride_ob, stride_oh, stride_pos, stride_cb, qk_scale,
         N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, ROPE: tl.constexpr,
     ):
         pid_h = tl.program_id(0)  # b * N_KV_HEADS + kv head
         pid_s = tl.program_id(1)
@@ -100,13 +129,24 @@ if HAS_TRITON:
         start = pid_s * per_split
         end = tl.minimum(length, start + per_split)
 
+        HALF: tl.constexpr = HEAD_DIM // 2
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, HEAD_DIM)
+        offs_h = tl.arange(0, HALF)
         offs_s = tl.arange(0, BLOCK_S)
         g_ok = offs_g < GROUP
         heads = kvh * GROUP + offs_g  # query heads of this kv head (rows past GROUP are padding)
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_ok[:, None], other=0.0)
+        # q in two halves (the rotary pairs); scores = q1 . k1 + q2 . k2.
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        q1 = tl.load(q_rows + offs_h[None, :], mask=g_ok[:, None], other=0.0)
+        q2 = tl.load(q_rows + HALF + offs_h[None, :], mask=g_ok[:, None], other=0.0)
+        if ROPE:  # as apply_rotary: float32, then back to q's dtype
+            cos_h = tl.load(cos_ptr + b * stride_cb + offs_h)[None, :]
+            sin_h = tl.load(sin_ptr + b * stride_cb + offs_h)[None, :]
+            q1f = q1.to(tl.float32)
+            q2f = q2.to(tl.float32)
+            q1 = (q1f * cos_h - q2f * sin_h).to(q_ptr.dtype.element_ty)
+            q2 = (q2f * cos_h + q1f * sin_h).to(q_ptr.dtype.element_ty)
         k_base = k_ptr + b * stride_kb + kvh * stride_kh
         v_base = v_ptr + b * stride_vb + kvh * stride_vh
 
@@ -116,11 +156,13 @@ if HAS_TRITON:
         for s0 in range(start, end, BLOCK_S):
             slots = s0 + offs_s
             s_ok = slots < end
-            kt = tl.load(k_base + slots[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None],
-                         other=0.0)
+            k_rows = k_base + slots[:, None] * stride_ks
+            k1 = tl.load(k_rows + offs_h[None, :], mask=s_ok[:, None], other=0.0)
+            k2 = tl.load(k_rows + HALF + offs_h[None, :], mask=s_ok[:, None], other=0.0)
             vt = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :], mask=s_ok[:, None],
                          other=0.0)
-            scores = _dot(q, tl.trans(kt), PRECISION) * qk_scale  # [G, S]
+            scores = (_dot(q1, tl.trans(k1), PRECISION)
+                      + _dot(q2, tl.trans(k2), PRECISION)) * qk_scale  # [G, S]
             scores = tl.where(s_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -178,24 +220,28 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            input_pos: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+                            input_pos: torch.Tensor, cos: torch.Tensor | None = None,
+                            sin: torch.Tensor | None = None, splits: int | None = None
+                            ) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); arguments as the ref.
 
     `splits` overrides `choose_splits` (tests). q, k and v must share one dtype.
     """
-    _check(q, k, v, input_pos)
+    _check(q, k, v, input_pos, cos, sin)
     if not (q.dtype == k.dtype == v.dtype and q.dtype in ATTENTION_DTYPES):
         raise ValueError(f"decode_attention_triton: q, k, v must share one of {ATTENTION_DTYPES}, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, n_heads, head_dim = q.shape
     n_kv_heads, slots = k.shape[1], k.shape[2]
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    if head_dim < 32 or head_dim & (head_dim - 1):
         raise ValueError(f"decode_attention_triton: head size {head_dim} must be a power of two "
-                         ">= 16")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
+                         ">= 32")
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+        if t is not None and t.stride(-1) != 1:
             raise ValueError(f"decode_attention_triton: {name} must be contiguous along D")
     group = n_heads // n_kv_heads
+    if cos is not None and cos.stride() != sin.stride():
+        raise ValueError("decode_attention_triton: cos and sin must share one layout")
     if splits is None:
         splits = choose_splits(batch, n_kv_heads, slots, _sm_count(q.device))
     out = torch.empty_like(q)
@@ -205,38 +251,44 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qk_scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # natural exp -> exp2
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_attn_kernel[(batch * n_kv_heads, splits)](
-            q, k, v, input_pos, out, ws, lse, counters,
+            q, k, v, input_pos, q if cos is None else cos, q if sin is None else sin, out, ws,
+            lse, counters,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-            input_pos.stride(0), qk_scale,
+            input_pos.stride(0), 0 if cos is None else cos.stride(0), qk_scale,
             N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits,
-            PRECISION=q.dtype == torch.float32,
+            PRECISION=q.dtype == torch.float32, ROPE=cos is not None,
             num_warps=4, num_stages=2)
     return out
 
 
-@torch.library.custom_op("tachylm::decode_attention", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor")
-def _decode_attention_op(q, k, v, input_pos):
-    return decode_attention_triton(q, k, v, input_pos)
+@torch.library.custom_op(
+    "tachylm::decode_attention", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor input_pos, Tensor? cos, Tensor? sin) -> Tensor")
+def _decode_attention_op(q, k, v, input_pos, cos, sin):
+    return decode_attention_triton(q, k, v, input_pos, cos, sin)
 
 
 @_decode_attention_op.register_fake
-def _decode_attention_fake(q, k, v, input_pos):
+def _decode_attention_fake(q, k, v, input_pos, cos, sin):
     return torch.empty_like(q)
 
 
-def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos: torch.Tensor | None, sin: torch.Tensor | None) -> bool:
     head_dim = q.shape[-1]
     return (HAS_TRITON and q.is_cuda and q.dtype == k.dtype == v.dtype
-            and q.dtype in ATTENTION_DTYPES and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+            and q.dtype in ATTENTION_DTYPES and head_dim >= 32 and head_dim & (head_dim - 1) == 0
+            and all(t is None or t.stride(-1) == 1 for t in (q, k, v, cos, sin))
+            and (cos is None or cos.stride() == sin.stride()))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     input_pos: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row over cache slots 0..input_pos[b].
+                     input_pos: torch.Tensor, cos: torch.Tensor | None = None,
+                     sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per row over cache slots 0..input_pos[b] (q rotated first by
+    cos/sin when given).
 
     The Triton split-KV kernel on CUDA (reads only the filled slots); `decode_attention_ref`
     elsewhere or for layouts the kernel does not take. Works under torch.compile and CUDA graphs
@@ -244,10 +296,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Args:
         q: [B, H, D]; k, v: [B, KVH, S, D] (a layer of the KV cache); input_pos: [B] integer.
+        cos, sin: optional [B, D / 2] float32, the rotary table at each row's position.
     Returns:
         [B, H, D] in q's dtype.
     """
-    if not _kernel_applies(q, k, v):
-        return decode_attention_ref(q, k, v, input_pos)
-    _check(q, k, v, input_pos)
-    return _decode_attention_op(q, k, v, input_pos)
+    if not _kernel_applies(q, k, v, cos, sin):
+        return decode_attention_ref(q, k, v, input_pos, cos, sin)
+    _check(q, k, v, input_pos, cos, sin)
+    return _decode_attention_op(q, k, v, input_pos, cos, sin)
