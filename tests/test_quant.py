@@ -53,7 +53,8 @@ from tachylm.quant import (SCHEMES, Fp8Linear, Int4Linear, Int8Linear, Quantized
                            quantized_modules)
 from tachylm.quant import schemes  # noqa: E402
 from tachylm.quant.gptq import calibration_windows, gptq_int4  # noqa: E402
-from tachylm.quant.io import is_quantized_folder, load_quantized, save_quantized  # noqa: E402
+from tachylm.build import build_quantized_model  # noqa: E402
+from tachylm.quant.io import is_quantized_folder, save_quantized  # noqa: E402
 
 EVAL_TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "eval.txt")
 CALIB_TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "calib.txt")
@@ -329,7 +330,7 @@ def test_quantize_save_load_identical_logits(tmp_path, mode, tie, head, family):
     assert is_quantized_folder(tmp_path) and not is_quantized_folder(tmp_path / "model.safetensors")
     meta = json.loads((tmp_path / "quantization.json").read_text())
     assert meta["mode"] == mode and meta["include_head"] == head and meta["dtype"] == "float32"
-    loaded = load_quantized(tmp_path, device="cpu", dtype=torch.float32)
+    loaded = build_quantized_model(tmp_path, device="cpu", dtype=torch.float32)
     tokens = torch.randint(0, 100, (2, 10))
     assert torch.equal(loaded(tokens), model(tokens))
     assert (getattr(loaded.lm_head, "weight", None) is loaded.embed.weight) == (tie and not head)
@@ -343,7 +344,7 @@ def test_save_in_bfloat16_keeps_quantized_tensors_exact(tmp_path):
     stored = load_file(tmp_path / "model.safetensors")
     assert stored["embed.weight"].dtype == torch.bfloat16
     assert stored["layers.0.attn.qkv_proj.scale"].dtype == torch.float32
-    loaded = load_quantized(tmp_path, dtype=torch.bfloat16)
+    loaded = build_quantized_model(tmp_path, dtype=torch.bfloat16)
     assert torch.equal(loaded.layers[1].mlp.down_proj.qweight, model.layers[1].mlp.down_proj.qweight)
     assert loaded.embed.weight.dtype == torch.bfloat16
 
@@ -366,7 +367,7 @@ def test_truncated_weights_are_a_checkpoint_error(saved):
     path = saved / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupted or truncated"):
-        load_quantized(saved)
+        build_quantized_model(saved)
 
 
 def test_wrong_dtype_is_a_checkpoint_error(saved):
@@ -374,23 +375,23 @@ def test_wrong_dtype_is_a_checkpoint_error(saved):
                                         s["layers.1.mlp.down_proj.scale"].half()}))
     with pytest.raises(CheckpointError, match=r"'layers\.1\.mlp\.down_proj\.scale' has dtype torch\.float16, "
                                               r"expected torch\.float32"):
-        load_quantized(saved)
+        build_quantized_model(saved)
 
 
 def test_wrong_shape_missing_and_extra_tensors_are_checkpoint_errors(saved):
     _rewrite(saved, lambda s: s.update({"layers.0.attn.o_proj.zero": s["layers.0.attn.o_proj.zero"][:, :1].clone()}))
     with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.o_proj\.zero' has shape \[64, 1\]"):
-        load_quantized(saved)
+        build_quantized_model(saved)
     _rewrite(saved, lambda s: s.pop("layers.0.attn.o_proj.zero"))
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\) \['layers\.0\.attn\.o_proj\.zero'\]"):
-        load_quantized(saved)
+        build_quantized_model(saved)
     _rewrite(saved, lambda s: s.update({"layers.0.attn.o_proj.zero": torch.zeros(64, 2),
                                         "layers.0.attn.o_proj.weight": torch.zeros(64, 64)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) \['layers\.0\.attn\.o_proj\.weight'\]"):
-        load_quantized(saved)
+        build_quantized_model(saved)
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors: missing"):
-        load_quantized(saved)
+        build_quantized_model(saved)
 
 
 def _edit_module(name, **changes):
@@ -413,7 +414,7 @@ def test_bad_quantization_json_is_a_checkpoint_error(saved, edit, message):
     edit(meta)
     path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=message) as error:
-        load_quantized(saved)
+        build_quantized_model(saved)
     assert "quantization.json" in str(error.value) or "model.safetensors" in str(error.value)
 
 
@@ -421,7 +422,7 @@ def test_quantization_json_that_is_not_json_is_a_checkpoint_error(saved):
     path = saved / "quantization.json"
     path.write_text(path.read_text()[:-20])
     with pytest.raises(CheckpointError, match=r"quantization\.json: not valid JSON"):
-        load_quantized(saved)
+        build_quantized_model(saved)
 
 
 def test_save_refuses_a_float_model(tmp_path):
@@ -434,11 +435,11 @@ def test_checkpoint_moves_between_cpu_and_cuda(tmp_path):
     model = _tiny_model()
     quantize_model(model, "int4", 32, include_head=True)
     save_quantized(model, tmp_path / "cpu", mode="int4")
-    on_gpu = load_quantized(tmp_path / "cpu", device="cuda")
+    on_gpu = build_quantized_model(tmp_path / "cpu", device="cuda")
     tokens = torch.randint(0, 100, (2, 10))
     torch.testing.assert_close(on_gpu(tokens.cuda()).cpu(), model(tokens), atol=1e-3, rtol=1e-3)
     save_quantized(on_gpu, tmp_path / "gpu", mode="int4")
-    back = load_quantized(tmp_path / "gpu", device="cpu")
+    back = build_quantized_model(tmp_path / "gpu", device="cpu")
     assert torch.equal(back(tokens), model(tokens))
 
 

@@ -1,17 +1,24 @@
 """The one place that orders model construction.
 
 meta init -> (quantized-module swap) -> assign-load the checkpoint tensors on the target device
--> rotary tables. The model is never materialised twice: modules are created without storage
-on the meta device and the loaded tensors become the parameters directly (`assign=True`).
+-> tie the head -> rotary tables. The model is never materialised twice: modules are created
+without storage on the meta device and the loaded tensors become the parameters directly
+(`assign=True`). Float checkpoints come from the readers (`build_model`), quantized folders from
+`tachylm.quant.io` (`build_quantized_model`).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from tachylm.checkpoints import Checkpoint
+from tachylm.checkpoints import Checkpoint, CheckpointError
 from tachylm.config import ModelConfig
 from tachylm.model import Transformer
+from tachylm.quant import HEAD, prepare_for_quantized_load
+from tachylm.quant.io import QUANT_FILE, read_quantization_json, read_quantized_weights
+from tachylm.quant.schemes import check_fp8_device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -94,12 +101,56 @@ def build_model(checkpoint: Checkpoint, *, device: torch.device | str = "cpu",
         model = Transformer(config)
     state = {name: tensor.to(device=device, dtype=dtype)
              for name, tensor in fuse_tensors(checkpoint.tensors).items()}
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
+    return _assign(model, state, config.tie_embeddings, device, max_seq_len)
+
+
+def build_quantized_model(folder: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32, max_seq_len: int | None = None
+                          ) -> Transformer:
+    """Load a folder written by `tachylm.quant.io.save_quantized` (`tachylm quantize`).
+
+    meta init -> quantized-module swap (from quantization.json) -> every tensor checked against
+    the expected name, shape and dtype -> assign-load on `device` -> tie the head if it was stored
+    tied -> rotary tables.
+
+    Args:
+        folder: the quantized folder.
+        device: where the model goes.
+        dtype: dtype of the floating-point tensors (quantized tensors and scales keep theirs).
+        max_seq_len: positions the rotary tables cover (default: the config's).
+    Returns:
+        The model in eval mode.
+    Raises:
+        CheckpointError: missing, truncated or corrupted files; missing, unexpected or mismatching
+            tensors (naming the file and the tensor).
+        RuntimeError: fp8 weights on a GPU that cannot run them.
+    """
+    meta = read_quantization_json(folder)
+    config, specs = meta["config"], meta["modules"]
+    device = torch.device(device)
+    if any(spec.get("scheme") == "fp8" for spec in specs.values()):
+        check_fp8_device(device)
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        prepare_for_quantized_load(model, specs)
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.join(os.fspath(folder), QUANT_FILE)}: {e}") from e
+    tied = config.tie_embeddings and HEAD not in specs
+    state = read_quantized_weights(folder, model, tied, device, dtype)
+    return _assign(model, state, tied, device, max_seq_len)
+
+
+def _assign(model: Transformer, state: dict[str, torch.Tensor], tied: bool, device: torch.device | str,
+            max_seq_len: int | None) -> Transformer:
+    """Assign-load `state` into the meta-device `model`, tie the head to the embedding (`tied`:
+    the state has no head of its own), build the rotary tables; eval mode, no grad."""
+    if tied:
+        state[f"{HEAD}.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
+    if tied:
         model.lm_head.weight = model.embed.weight
-    model.setup_rope(max_seq_len or config.max_seq_len, device)
+    model.setup_rope(max_seq_len or model.config.max_seq_len, device)
     return model.eval().requires_grad_(False)
 
 

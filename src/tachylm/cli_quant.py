@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from tachylm.build import build_model, parse_dtype
+from tachylm.build import build_model, build_quantized_model, parse_dtype
 from tachylm.checkpoints.resolve import resolve_model
 from tachylm.engine import load_checkpoint, pick_device
 from tachylm.evaluate import perplexity
 from tachylm.model import Transformer
 from tachylm.quant import INT4_GROUP_SIZES, MODES, apply_quant_option, check_quantizable, quantize_model
 from tachylm.quant.gptq import calibration_windows
-from tachylm.quant.io import is_quantized_folder, load_quantized, read_quantized_config, save_quantized
+from tachylm.quant.io import is_quantized_folder, read_quantized_config, save_quantized
 from tachylm.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_ENV = "TACHYLM_CACHE"
@@ -125,7 +125,7 @@ def cmd_quantize(args) -> int:
     del model
     gc.collect()
     # Measure what was written, read back as a user will load it.
-    quantized = load_quantized(args.output, device=device, dtype=dtype, max_seq_len=positions)
+    quantized = build_quantized_model(args.output, device=device, dtype=dtype, max_seq_len=positions)
     value = _perplexity(quantized, eval_ids, args, args.mode)
     delta = 100.0 * (value / reference - 1.0)
     print(f"perplexity on {os.path.basename(eval_text)} ({len(eval_ids)} tokens, window {args.window}, "
@@ -141,7 +141,7 @@ def cmd_eval_perplexity(args) -> int:
         if args.quant is not None:
             raise ValueError(f"{path} is already quantized; drop --quant")
         _check_window(args.window, read_quantized_config(path).max_seq_len)
-        model = load_quantized(path, device=device, dtype=dtype, max_seq_len=args.window)
+        model = build_quantized_model(path, device=device, dtype=dtype, max_seq_len=args.window)
     else:
         # With --quant, build in host memory and let only the quantized layers land on the device.
         model = _float_model(path, torch.device("cpu") if args.quant else device, dtype, args.window)

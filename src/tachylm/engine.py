@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from tachylm.build import build_model, parse_dtype
+from tachylm.build import build_model, build_quantized_model, parse_dtype
 from tachylm.cache import KVCache
 from tachylm.chat import ChatTemplate
 from tachylm.checkpoints import Checkpoint
@@ -25,7 +25,7 @@ from tachylm.generate import Generation, GenerationStats
 from tachylm.kernels.linear import use_fast_linears
 from tachylm.model import Transformer
 from tachylm.quant import apply_quant_option
-from tachylm.quant.io import is_quantized_folder, load_quantized, read_quantized_config
+from tachylm.quant.io import is_quantized_folder, read_quantized_config
 from tachylm.sampling import SamplingParams
 from tachylm.steps import Steps
 from tachylm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
@@ -55,7 +55,7 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> Checkpoint
     """Read a checkpoint from a local .gguf file or Hugging Face folder."""
     if is_quantized_folder(path):
         raise ValueError(f"{path} is a quantized folder; load it with Engine.load "
-                         "(tachylm.quant.io.load_quantized)")
+                         "(tachylm.build.build_quantized_model)")
     if os.path.isdir(path):
         return read_hf(path)
     if path.endswith(".gguf"):
@@ -175,7 +175,8 @@ class Engine:
             raise ValueError(f"--max-seq-len must be in [2, {config.max_seq_len}] for this model, "
                              f"got {max_seq_len}")
         if quantized:
-            model = load_quantized(path, device=torch_device, dtype=torch_dtype, max_seq_len=max_seq_len)
+            model = build_quantized_model(path, device=torch_device, dtype=torch_dtype,
+                                          max_seq_len=max_seq_len)
         else:  # with --quant, build in host memory: only quantized layers land on the device
             model = build_model(checkpoint, device="cpu" if quant else torch_device, dtype=torch_dtype,
                                 max_seq_len=max_seq_len)

@@ -8,6 +8,8 @@ Layout of a quantized folder:
     quantization.json       format and version, mode, group size, include_head, the dtype of the
                             floating-point tensors, the ModelConfig, and one spec per quantized
                             module (what `prepare_for_quantized_load` needs)
+
+This module reads and writes the files; `tachylm.build.build_quantized_model` orders the load.
     tokenizer.json, tokenizer_config.json, generation_config.json (+ chat_template.jinja ...)
                             copied from a Hugging Face source, or written from a GGUF vocabulary
 
@@ -30,8 +32,7 @@ from safetensors.torch import save_file
 from tachylm.checkpoints import CheckpointError
 from tachylm.config import ModelConfig, RopeScaling
 from tachylm.model import Transformer
-from tachylm.quant import HEAD, module_specs, prepare_for_quantized_load, quantized_modules
-from tachylm.quant.schemes import check_fp8_device
+from tachylm.quant import HEAD, module_specs, quantized_modules
 from tachylm.tokenizer import load_tokenizer
 
 FORMAT = "tachylm-quantized"
@@ -77,7 +78,7 @@ def config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
 def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: str,
                    tokenizer_source: str | os.PathLike[str] | None = None,
                    dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write a quantized model as a folder `load_quantized` reads.
+    """Write a quantized model as a folder `tachylm.build.build_quantized_model` reads.
 
     Args:
         model: a Transformer after `quantize_model` (any device).
@@ -185,50 +186,23 @@ def read_quantized_config(folder: str | os.PathLike[str]) -> ModelConfig:
     return read_quantization_json(folder)["config"]
 
 
-def load_quantized(folder: str | os.PathLike[str], device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Transformer:
-    """Load a folder written by `save_quantized`.
+def read_quantized_weights(folder: str | os.PathLike[str], model: Transformer, tied: bool,
+                           device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized folder, checked against `model` (built on the meta device with
+    its quantized modules in place, see `prepare_for_quantized_load`).
 
-    meta init -> quantized-module swap -> every tensor checked against the expected name, shape
-    and dtype -> assign-load on `device` -> tie the head if it was stored tied -> rotary tables.
+    Names, shapes and the quantized tensors' dtypes must match exactly; floating-point tensors are
+    converted to `dtype`. A tied head (`tied`) is not stored: the caller ties it.
 
-    Args:
-        folder: the quantized folder.
-        device: where the model goes.
-        dtype: dtype of the floating-point tensors (quantized tensors and scales keep theirs).
-        max_seq_len: positions the rotary tables cover (default: the config's).
-    Returns:
-        The model in eval mode.
     Raises:
         CheckpointError: missing, truncated or corrupted files; missing, unexpected or mismatching
             tensors (naming the file and the tensor).
-        RuntimeError: fp8 weights on a GPU that cannot run them.
     """
-    folder = os.fspath(folder)
-    meta = read_quantization_json(folder)
-    config, specs = meta["config"], meta["modules"]
-    device = torch.device(device)
-    if any(spec.get("scheme") == "fp8" for spec in specs.values()):
-        check_fp8_device(device)
-    with torch.device("meta"):
-        model = Transformer(config)
-    try:
-        prepare_for_quantized_load(model, specs)
-    except ValueError as e:
-        raise CheckpointError(f"{os.path.join(folder, QUANT_FILE)}: {e}") from e
-    tied = config.tie_embeddings and HEAD not in specs
     expected = model.state_dict()
     if tied:
         del expected[f"{HEAD}.weight"]
-    exact = _exact_dtype_names(model)
-    state = _read_weights(os.path.join(folder, WEIGHTS_FILE), expected, exact, device, dtype)
-    if tied:
-        state[f"{HEAD}.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
-        model.lm_head.weight = model.embed.weight
-    model.setup_rope(max_seq_len or config.max_seq_len, device)
-    return model.eval().requires_grad_(False)
+    return _read_weights(os.path.join(os.fspath(folder), WEIGHTS_FILE), expected,
+                         _exact_dtype_names(model), device, dtype)
 
 
 def _read_weights(path: str, expected: dict[str, torch.Tensor], exact: set[str], device: torch.device,
