@@ -13,6 +13,13 @@ Canonical (device-independent) layouts, for a Linear with weight [N, K] (N = out
           w = (q - zero[g]) * scale[g], q in 0..15, two values per byte along K, the LOW nibble
           holding the even k.
 
+fp8 picks each row's scale by a small search (`search_row_scale`): scale = absmax / t for the e4m3
+values t = 448, 416, ..., 240, keeping the one whose round-to-nearest reconstruction of the row has
+the smallest squared error. Every candidate maps the row's largest weight exactly onto the grid and
+none clips anything, so round-to-nearest's error bound still holds; t = 448 (the plain abs-max
+scale) is always a candidate, so no row ends up with a larger error than abs-max would give it.
+int8 keeps the abs-max scale absmax / 127 (`Int8Linear` says why).
+
 int4 keeps the zero point as an unrounded float: then the minimum and maximum of every group are
 exactly representable (q = 0 and q = 15) and the rounding error is at most scale / 2 for every
 element, where a rounded zero point can clip the group's extremes by up to scale / 2 more.
@@ -23,7 +30,7 @@ The bias (if any) stays in floating point, in the model's dtype.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -135,12 +142,80 @@ def _per_row_scale(weight: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
 
 
+# Elements per block of rows in the scale search. On the CPU a block and its scratch buffers stay in
+# cache while every candidate scale is tried on it (several times faster than whole-matrix passes);
+# on a GPU, bigger blocks mean fewer kernel launches.
+SEARCH_BLOCK_ELEMENTS_CPU = 1 << 20
+SEARCH_BLOCK_ELEMENTS_GPU = 1 << 24
+
+
+def search_row_scale(weight: torch.Tensor, scale: torch.Tensor, ratios: tuple[float, ...],
+                     round_trip: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Per row, the scale among `scale` and `scale * r` (r in `ratios`) with the smallest squared
+    reconstruction error sum_k (round_trip(w / s) * s - w)^2.
+
+    The starting `scale` only loses to a strictly smaller error, so the result is never worse than
+    it, row by row. Vectorised over rows; the rows go through in blocks that stay in cache.
+
+    Args:
+        weight: float32 [N, K].
+        scale: float32 [N], positive (the abs-max scale).
+        ratios: the other candidates, as multiples of `scale`.
+        round_trip: (scaled, scratch) -> scaled rounded onto the storage grid and back to float32,
+            in place (scaled is a float32 block, scratch an int32 block of the same shape).
+    Returns:
+        float32 [N], a new tensor.
+    Raises:
+        ValueError: a weight that is not 2-D float32, a scale of the wrong shape, a ratio that is not
+            positive and finite.
+    """
+    if weight.dim() != 2 or weight.dtype != torch.float32:
+        raise ValueError(f"scale search needs a 2-D float32 weight, got {weight.dtype} "
+                         f"{list(weight.shape)}")
+    if tuple(scale.shape) != (weight.shape[0],):
+        raise ValueError(f"scale has shape {list(scale.shape)}, expected [{weight.shape[0]}]")
+    if not all(0 < r < float("inf") for r in ratios):
+        raise ValueError(f"scale ratios must be positive and finite, got {ratios}")
+    best = scale.clone()
+    n_rows, n_cols = weight.shape
+    if not ratios or n_rows == 0 or n_cols == 0:
+        return best
+    block = SEARCH_BLOCK_ELEMENTS_CPU if weight.device.type == "cpu" else SEARCH_BLOCK_ELEMENTS_GPU
+    rows = max(1, min(n_rows, block // n_cols))
+    # Scratch reused by every block and candidate: fresh multi-megabyte tensors each time would cost
+    # page faults that take longer than the arithmetic.
+    scaled = torch.empty(rows, n_cols, dtype=torch.float32, device=weight.device)
+    scratch = torch.empty(rows, n_cols, dtype=torch.int32, device=weight.device)
+
+    def error(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        y = torch.div(w, s[:, None], out=scaled[:w.shape[0]])  # the same w / s as the final rounding
+        return round_trip(y, scratch[:w.shape[0]]).mul_(s[:, None]).sub_(w).pow_(2).sum(dim=1)
+
+    for start in range(0, n_rows, rows):
+        w, base, chosen = weight[start:start + rows], scale[start:start + rows], best[start:start + rows]
+        best_error = error(w, base)
+        for ratio in ratios:
+            candidate = base * ratio
+            e = error(w, candidate)
+            better = e < best_error
+            best_error = torch.where(better, e, best_error)
+            chosen.copy_(torch.where(better, candidate, chosen))  # a view: writes into `best`
+    return best
+
+
 class _RowwiseLinear(QuantizedLinear):
     """Shared body of the per-output-channel schemes: `qweight` [N, K] stored as `storage_dtype`,
-    one float32 `scale` [N] (w = qweight * scale), symmetric, scale = absmax / `qmax`."""
+    one float32 `scale` [N] (w = qweight * scale), symmetric.
+
+    Each row's scale is absmax / t for the t in (`qmax`,) + `absmax_targets` that gives the smallest
+    squared reconstruction error (`search_row_scale`); the targets are grid points below `qmax`, so
+    the row's largest weight is always stored exactly (up to the float32 rounding of the scale).
+    Without targets the scale is plain absmax / `qmax`.
+    """
 
     storage_dtype: torch.dtype
     qmax: float
+    absmax_targets: tuple[float, ...] = ()
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         out_features, in_features = qweight.shape
@@ -154,10 +229,20 @@ class _RowwiseLinear(QuantizedLinear):
         """float32 weights already divided by their row scale -> stored values."""
         raise NotImplementedError
 
+    @staticmethod
+    def _round_trip(scaled: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """`_round(scaled)` back as float32, computed in place in `scaled` (`scratch`: an int32
+        buffer of the same shape it may use). The scale search calls it once per candidate."""
+        raise NotImplementedError
+
     @classmethod
     def from_float(cls, weight, bias=None):
+        if weight.dim() != 2:
+            raise ValueError(f"{cls.scheme} quantization needs a 2-D weight [out_features, in_features], "
+                             f"got shape {list(weight.shape)}")
         w = weight.detach().float()
-        scale = _per_row_scale(w, cls.qmax)
+        ratios = tuple(cls.qmax / target for target in cls.absmax_targets)  # absmax / qmax * ratio
+        scale = search_row_scale(w, _per_row_scale(w, cls.qmax), ratios, cls._round_trip)
         return cls(cls._round(w / scale[:, None]), scale, None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -183,10 +268,21 @@ class Int8Linear(_RowwiseLinear):
     scheme = "int8"
     storage_dtype = torch.int8
     qmax = 127.0
+    # No scale search for int8: it did not pay. Letting each row's largest weight be code 127 .. 117,
+    # whichever gives the least squared error, cut that error on SmolLM2 by 4% (clipping, scales
+    # down to 0.7 absmax / 127: under 3%) and the output's KL divergence by about 6%, but perplexity
+    # went up, on data/eval.txt and data/calib.txt alike. At int8's resolution, which of many
+    # near-equal roundings the rows get decides the perplexity change (scaling every abs-max scale
+    # by 0.998 .. 1.002 moves it between +0.36% and +1.05%), not a few percent of total error.
+    absmax_targets = ()
 
     @staticmethod
     def _round(scaled: torch.Tensor) -> torch.Tensor:
         return torch.round(scaled).clamp_(-127, 127).to(torch.int8)
+
+    @staticmethod
+    def _round_trip(scaled, scratch):
+        return scaled.round_().clamp_(-127, 127)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
@@ -217,16 +313,58 @@ def check_fp8_device(device: torch.device) -> None:
             "supported on every GPU) instead")
 
 
+def round_to_e4m3_(scaled: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Round float32 `scaled` in place to the nearest float8 e4m3 value (ties to even), kept in
+    float32: the same values as `scaled.clamp(-448, 448).to(torch.float8_e4m3fn).float()`, computed
+    with float32 arithmetic because the cast to fp8 and back is several times slower on the CPU.
+
+    The e4m3 step of x is 2^(e - 3) for 2^e <= |x| < 2^(e + 1), and 2^-9 below 2^-6 (subnormals).
+    Adding and subtracting m = 1.5 * 2^(e + 20) rounds x to a multiple of exactly that step, because
+    x + m lies in [2^(e + 20), 2^(e + 21)) where float32's own step is 2^(e - 3); float32 rounds to
+    nearest even. 2^e comes from masking the exponent bits of x, and is clamped at 2^-6 for the
+    subnormal range (and for zero).
+
+    Args:
+        scaled: float32.
+        scratch: int32, same shape (overwritten).
+    Returns:
+        `scaled`.
+    Raises:
+        ValueError: other dtypes, or shapes that differ.
+    """
+    if scaled.dtype != torch.float32 or scratch.dtype != torch.int32 or scratch.shape != scaled.shape:
+        raise ValueError(f"round_to_e4m3_ needs float32 values and an int32 scratch of the same "
+                         f"shape, got {scaled.dtype} {list(scaled.shape)} and {scratch.dtype} "
+                         f"{list(scratch.shape)}")
+    scaled.clamp_(-FP8_MAX, FP8_MAX)
+    magic = torch.bitwise_and(scaled.view(torch.int32), 0x7F800000, out=scratch).view(torch.float32)
+    magic.clamp_(min=2.0 ** -6).mul_(1.5 * 2.0 ** 20)
+    return scaled.add_(magic).sub_(magic)
+
+
 class Fp8Linear(_RowwiseLinear):
-    """float8 e4m3 weights with one float32 scale per output channel (scale = absmax / 448)."""
+    """float8 e4m3 weights with one float32 scale per output channel (absmax / 448 .. absmax / 240,
+    searched per row)."""
 
     scheme = "fp8"
     storage_dtype = torch.float8_e4m3fn
     qmax = FP8_MAX
+    # The row's largest weight may be any e4m3 value from 448 down to 240. e4m3 rounding is
+    # relative, so a row's error depends on where its weights fall within their binades, and that
+    # repeats every factor of 2: 448 and these seven (the next one, 224, is 448 / 2) are every exact
+    # placement of the largest weight within one octave. Going below 224 would only push more of
+    # the row's small weights into the subnormals. On SmolLM2 the best of the eight has about 12%
+    # less squared error than absmax / 448; sixteen scales spread evenly over the octave (largest
+    # weight not exact) gave 13% for twice the time, and the same output divergence (KL).
+    absmax_targets = (416.0, 384.0, 352.0, 320.0, 288.0, 256.0, 240.0)
 
     @staticmethod
     def _round(scaled: torch.Tensor) -> torch.Tensor:
         return scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+    @staticmethod
+    def _round_trip(scaled, scratch):
+        return round_to_e4m3_(scaled, scratch)
 
     @classmethod
     def from_float(cls, weight, bias=None):
