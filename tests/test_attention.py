@@ -94,6 +94,19 @@ def test_bad_shapes_raise_clear_errors():
         decode_attention(q, k, v, pos, cos.double(), sin)
 
 
+def test_kernel_refuses_inputs_it_cannot_take():
+    from tachylm.kernels.attention import decode_attention_triton
+
+    q, k, v, pos = inputs("refuse", 1, 4, 2, 8, 16, torch.float32, [3])
+    with pytest.raises(ValueError, match="head size 16 must be a power of two >= 32"):
+        decode_attention_triton(q, k, v, pos)
+    q, k, v, pos = inputs("refuse2", 1, 4, 2, 8, 32, torch.float32, [3])
+    with pytest.raises(ValueError, match="q, k, v must share one of"):
+        decode_attention_triton(q, k.half(), v.half(), pos)
+    with pytest.raises(ValueError, match="k must be contiguous along D"):
+        decode_attention_triton(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, pos)
+
+
 def test_splits_cover_the_gpu_but_not_past_the_cache():
     assert choose_splits(1, 8, 131072, 132) == 64  # 8 kv heads: 64 slices fill 2 x 132 SMs
     assert choose_splits(8, 8, 131072, 132) == 8

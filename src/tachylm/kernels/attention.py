@@ -204,6 +204,22 @@ if HAS_TRITON:
             tl.atomic_xchg(cnt_ptr + pid_h, 0, sem="relaxed", scope="gpu")
 
 
+def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos: torch.Tensor | None, sin: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take these (already shape-checked) inputs, or None if it can."""
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in ATTENTION_DTYPES):
+        return f"q, k, v must share one of {ATTENTION_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim < 32 or head_dim & (head_dim - 1):
+        return f"head size {head_dim} must be a power of two >= 32"
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+        if t is not None and t.stride(-1) != 1:
+            return f"{name} must be contiguous along D"
+    if cos is not None and cos.stride() != sin.stride():
+        return "cos and sin must share one layout"
+    return None
+
+
 def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int) -> int:
     """Slices per kv head: enough programs for two per SM, never more than tiles in the cache."""
     splits = 1
@@ -228,20 +244,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `splits` overrides `choose_splits` (tests). q, k and v must share one dtype.
     """
     _check(q, k, v, input_pos, cos, sin)
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in ATTENTION_DTYPES):
-        raise ValueError(f"decode_attention_triton: q, k, v must share one of {ATTENTION_DTYPES}, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    refusal = _kernel_refusal(q, k, v, cos, sin)
+    if refusal is not None:
+        raise ValueError(f"decode_attention_triton: {refusal}")
     batch, n_heads, head_dim = q.shape
     n_kv_heads, slots = k.shape[1], k.shape[2]
-    if head_dim < 32 or head_dim & (head_dim - 1):
-        raise ValueError(f"decode_attention_triton: head size {head_dim} must be a power of two "
-                         ">= 32")
-    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"decode_attention_triton: {name} must be contiguous along D")
     group = n_heads // n_kv_heads
-    if cos is not None and cos.stride() != sin.stride():
-        raise ValueError("decode_attention_triton: cos and sin must share one layout")
     if splits is None:
         splits = choose_splits(batch, n_kv_heads, slots, _sm_count(q.device))
     out = torch.empty_like(q)
@@ -277,11 +285,7 @@ def _decode_attention_fake(q, k, v, input_pos, cos, sin):
 
 def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos: torch.Tensor | None, sin: torch.Tensor | None) -> bool:
-    head_dim = q.shape[-1]
-    return (HAS_TRITON and q.is_cuda and q.dtype == k.dtype == v.dtype
-            and q.dtype in ATTENTION_DTYPES and head_dim >= 32 and head_dim & (head_dim - 1) == 0
-            and all(t is None or t.stride(-1) == 1 for t in (q, k, v, cos, sin))
-            and (cos is None or cos.stride() == sin.stride()))
+    return HAS_TRITON and q.is_cuda and _kernel_refusal(q, k, v, cos, sin) is None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
