@@ -124,37 +124,35 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalized, logits)
     scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
-    top_k = None
     if plan.candidates:
+        if plan.candidates <= PAIRWISE_RANKS:
+            # Unsorted top-k, ranked by pairwise comparison: over a few hundred candidates one
+            # fused kernel, where sorting them costs a slow single-block sort per step.
+            values, indices = scaled.topk(plan.candidates, dim=-1, sorted=False)
+            order = torch.arange(plan.candidates, device=logits.device)
+            # above[b, i, j]: candidate j ranks above candidate i (ties: the earlier one first)
+            above = ((values[:, None, :] > values[:, :, None])
+                     | ((values[:, None, :] == values[:, :, None]) & (order[None, :] < order[:, None])))
+            ranks = above.sum(dim=-1)
+        else:
+            values, indices = scaled.topk(plan.candidates, dim=-1)  # sorted, descending
+            above = None
+            ranks = torch.arange(plan.candidates, device=logits.device)[None, :]
         top_k = torch.where(settings.top_k > 0, settings.top_k, plan.candidates)[:, None]
-    if 0 < plan.candidates <= PAIRWISE_RANKS:
-        # Unsorted top-k, ranked by pairwise comparison: over a few hundred candidates one fused
-        # kernel, where sorting them costs a slow single-block sort per step.
-        values, indices = scaled.topk(plan.candidates, dim=-1, sorted=False)
-        order = torch.arange(plan.candidates, device=logits.device)
-        # above[b, i, j]: candidate j ranks above candidate i (ties: the earlier one first)
-        above = ((values[:, None, :] > values[:, :, None])
-                 | ((values[:, None, :] == values[:, :, None]) & (order[None, :] < order[:, None])))
-        ranks = above.sum(dim=-1)
         probs = torch.softmax(values.masked_fill(ranks >= top_k, float("-inf")), dim=-1)
-        before = (above * probs[:, None, :]).sum(dim=-1)  # probability mass ranked above each
-        best = probs.amax(dim=-1, keepdim=True)
+        if above is None:  # probability mass ranked above each candidate
+            before = probs.cumsum(dim=-1) - probs
+        else:
+            before = (above * probs[:, None, :]).sum(dim=-1)
+        keep = (before < settings.top_p[:, None]) & (
+            probs >= settings.min_p[:, None] * probs.amax(dim=-1, keepdim=True))
+        probs = probs * keep
         # temperature only rescales, so the top candidate is also the greedy token
         greedy_tokens = indices.gather(-1, values.argmax(dim=-1, keepdim=True))[:, 0]
-    elif plan.candidates:
-        values, indices = scaled.topk(plan.candidates, dim=-1)  # sorted, descending
-        ranks = torch.arange(plan.candidates, device=logits.device)[None, :]
-        probs = torch.softmax(values.masked_fill(ranks >= top_k, float("-inf")), dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
-        best = probs[:, :1]
-        greedy_tokens = indices[:, 0]
     else:
         indices = None
         probs = torch.softmax(scaled, dim=-1)
         greedy_tokens = logits.argmax(dim=-1)
-    if indices is not None:
-        keep = (before < settings.top_p[:, None]) & (probs >= settings.min_p[:, None] * best)
-        probs = probs * keep
     # exponential_ can return exactly 0 in float32; clamp so 0/0 never yields NaN
     race = probs / torch.empty_like(probs).exponential_(1).clamp_min_(1e-20)
     choice = race.argmax(dim=-1)
