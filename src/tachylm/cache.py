@@ -42,10 +42,6 @@ class KVCache:
         return self.k[0].device
 
     @property
-    def n_layers(self) -> int:
-        return len(self.k)
-
-    @property
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 

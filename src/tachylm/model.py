@@ -100,9 +100,8 @@ class Attention(nn.Module):
                 # Decode: one kernel rotates q and attends over the filled part of the cache.
                 out = decode_attention(q[:, :, 0], k, v, input_pos[:, 0], cos[:, 0, 0], sin[:, 0, 0])
                 return self.o_proj(out.reshape(batch, 1, self.q_size))  # out: [B, H, D]
-        q = apply_rotary(q, cos, sin)
-        if cache is not None:
             k, v = k.to(q.dtype), v.to(q.dtype)
+        q = apply_rotary(q, cos, sin)
         if mask is None:
             if self.n_kv_heads != self.n_heads:
                 repeat = self.n_heads // self.n_kv_heads

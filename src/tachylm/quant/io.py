@@ -8,10 +8,10 @@ Layout of a quantized folder:
     quantization.json       format and version, mode, group size, include_head, the dtype of the
                             floating-point tensors, the ModelConfig, and one spec per quantized
                             module (what `prepare_for_quantized_load` needs)
-
-This module reads and writes the files; `tachylm.build.build_quantized_model` orders the load.
     tokenizer.json, tokenizer_config.json, generation_config.json (+ chat_template.jinja ...)
                             copied from a Hugging Face source, or written from a GGUF vocabulary
+
+This module reads and writes the files; `tachylm.build.build_quantized_model` orders the load.
 
 The stored layouts are device-independent (see schemes.py): a folder written on a CPU loads on a
 GPU and back; any kernel-specific repacking belongs to load time, never to the file.
