@@ -1,6 +1,7 @@
 """Where does a compiled decode step spend its time? Kernel totals vs wall time (GPU only).
 
 Usage: PYTHONPATH=src python3 scripts/profile_decode.py [shape] [--layers N] [--quant MODE] [--tuning]
+    [--pdl]
 With --layers N the shape keeps N layers (faster to compile; per-layer kernels are the same).
 """
 import argparse
@@ -15,6 +16,7 @@ from tachylm.build import build_random_model
 from tachylm.cache import KVCache
 from tachylm.generate import Generation
 from tachylm.kernels import use_fast_linears
+from tachylm.kernels.quant_matmul import use_pdl
 from tachylm.quant import apply_quant_option
 from tachylm.sampling import SamplingParams
 from tachylm.steps import Steps
@@ -25,7 +27,9 @@ parser.add_argument("--layers", type=int)
 parser.add_argument("--quant")
 parser.add_argument("--top", type=int, default=40)
 parser.add_argument("--tuning", action="store_true", help="coordinate-descent tuning on")
+parser.add_argument("--pdl", action="store_true", help="programmatic dependent launch on")
 args = parser.parse_args()
+use_pdl(args.pdl)
 config = SHAPES[args.shape]
 if args.layers:
     config = dataclasses.replace(config, n_layers=args.layers)

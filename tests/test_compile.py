@@ -56,3 +56,16 @@ def test_no_recompilation_after_warm_up(model):
     for length, new_tokens in [(3, 7), (17, 2), (40, 11), (33, 5), (64, 9), (1, 3), (90, 20)]:
         list(Generation(steps, [7] * length, new_tokens, sampled))
     assert len(compiles) == warm, f"recompiled {len(compiles) - warm} times after warm-up"
+
+
+def test_custom_ops_are_registered_with_inductor_up_front():
+    # Inductor (torch <= 2.11) stringifies an unregistered op's arguments at its first call in a
+    # graph, exponentially in the graph's depth; Steps registers every tachylm op before compiling.
+    from torch._inductor.lowering import lowerings
+
+    from tachylm.kernels import custom_ops
+    from tachylm.steps import register_inductor_fallbacks
+
+    register_inductor_fallbacks()
+    assert all(op in lowerings for op in custom_ops())
+    assert register_inductor_fallbacks() == []  # once is enough

@@ -56,6 +56,18 @@ def make_dense(n, k, gen, dtype=torch.bfloat16):
     return ((torch.randn(n, k, generator=gen) * 0.05).to(dtype),)
 
 
+def make_weights(scheme, n, k, group, gen, dtype):
+    """(weights tuple, scale or None, zero or None) of a scheme's layer [n, k]."""
+    if scheme == "int4":
+        weights = make_int4(n, k, group, gen)
+    elif scheme == "dense":
+        weights = make_dense(n, k, gen, dtype)
+    else:
+        weights = (make_int8 if scheme == "int8" else make_fp8)(n, k, gen)
+    return (weights, weights[1] if len(weights) > 1 else None,
+            weights[2] if len(weights) > 2 else None)
+
+
 def oracle(scheme, x, weights, group=0, bias=None):
     """float64 y = x @ w.T + bias, w dequantized element by element without any shortcut."""
     if scheme == "dense":
@@ -72,6 +84,33 @@ def oracle(scheme, x, weights, group=0, bias=None):
         w = q.double() * scale.double()[:, None]
     y = x.double() @ w.T
     return y if bias is None else y + bias.double()
+
+
+EPS = 1e-5
+
+
+def make_fusion_inputs(kind, m, n, k, dtype, gen):
+    """x and the fusion of one case: kind is "norm", "silu", "residual" or "norm+residual"."""
+    x = torch.randn(m, 2 * k if kind == "silu" else k, generator=gen).to(dtype)
+    norm = None
+    if "norm" in kind:
+        x = x * 3  # RMS away from 1, so a missing 1/rms shows
+        norm = ((torch.rand(k, generator=gen) + 0.5).to(dtype), EPS)
+    residual = torch.randn(m, n, generator=gen).to(dtype) if "residual" in kind else None
+    return x, qm.make_fusion(norm, kind == "silu", residual)
+
+
+def fused_oracle(scheme, x, weights, group, bias, fusion):
+    """float64 residual + w @ prologue(x) + bias."""
+    x = x.double()
+    if fusion.norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fusion.eps)
+        x = x * fusion.norm_weight.double()
+    if fusion.silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = gate * torch.sigmoid(gate) * up
+    y = oracle(scheme, x, weights, group, bias)
+    return y if fusion.residual is None else y + fusion.residual.double()
 
 
 def rel_err(out, ref):
@@ -466,6 +505,27 @@ if qm.HAS_TRITON:
 OP_CASES = {f"op-{scheme}-m{m}": (scheme, m)
             for scheme in ("int8", "fp8", "int4", "dense") for m in (1, 3)}
 
+# The fusions (RMSNorm / SiLU-multiply prologue, residual epilogue) in both kernels, with and
+# without split-K (the norm's sums of squares cross the split), ragged and even K.
+# name -> (scheme, m, fusion kind, group, config, K)
+FUSION_CASES = {}
+for _scheme in ("int8", "fp8", "dense", "int4"):
+    _group = 32 if _scheme == "int4" else 0
+    _dot = {**DOT, "SUB_K": 32, "K_SLICES": 2} if _scheme == "int4" else DOT
+    for _kind in ("norm", "silu", "residual"):
+        for _split in (1, 2):
+            if _scheme != "int4":
+                FUSION_CASES[f"{_scheme}-m1-{_kind}-split{_split}"] = (
+                    _scheme, 1, _kind, _group, {**M1, "SPLIT_K": _split}, K)
+            FUSION_CASES[f"{_scheme}-m3-{_kind}-split{_split}"] = (
+                _scheme, 3, _kind, _group, {**_dot, "SPLIT_K": _split}, K)
+    FUSION_CASES[f"{_scheme}-m2-norm+residual-evenK"] = (
+        _scheme, 2, "norm+residual", _group, {**_dot, "SPLIT_K": 2}, 128)
+    FUSION_CASES[f"{_scheme}-m20-norm-unfused"] = (_scheme, 20, "norm", _group, None, K)
+    FUSION_CASES[f"{_scheme}-m20-silu-unfused"] = (_scheme, 20, "silu", _group, None, K)
+for _kind in ("norm", "silu", "norm+residual"):
+    FUSION_CASES[f"dense-m1-{_kind}-evenK"] = ("dense", 1, _kind, 0, {**M1, "SPLIT_K": 2}, 128)
+
 # Relative error against float64 is the rounding of the output to x's dtype; the interpreter
 # truncates float32 -> bfloat16 (the GPU rounds to nearest), about 3.5e-3 instead of 1.7e-3.
 TOLERANCE = {"bf16": 8e-3, "fp16": 2e-3, "fp32": 1e-5}
@@ -481,14 +541,7 @@ def _interpreter_child():
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         x = torch.randn(m, k, generator=gen).to(DTYPES[dtype])
         bias = torch.randn(N, generator=gen).to(DTYPES[dtype]) if with_bias else None
-        if scheme == "int4":
-            weights = make_int4(N, k, group, gen)
-        elif scheme == "dense":
-            weights = make_dense(N, k, gen, DTYPES[dtype])
-        else:
-            weights = (make_int8 if scheme == "int8" else make_fp8)(N, k, gen)
-        scale = weights[1] if len(weights) > 1 else None
-        zero = weights[2] if len(weights) > 2 else None
+        weights, scale, zero = make_weights(scheme, N, k, group, gen, DTYPES[dtype])
         try:
             if config is None:
                 out = qm._triton_linear(SCHEMES[scheme], x, weights[0], scale, zero, group, bias)
@@ -502,6 +555,25 @@ def _interpreter_child():
                              "dtype": str(out.dtype), "shape": list(out.shape),
                              "finite": bool(torch.isfinite(out).all()), "counters": counters}
         except Exception as e:  # reported to the parent test, which fails with the message
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    for name, (scheme, m, kind, group, config, k) in FUSION_CASES.items():
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        x, fusion = make_fusion_inputs(kind, m, N, k, torch.bfloat16, gen)
+        bias = torch.randn(N, generator=gen).to(torch.bfloat16)
+        weights, scale, zero = make_weights(scheme, N, k, group, gen, torch.bfloat16)
+        try:
+            if config is None:
+                out = qm._triton_linear(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
+                                        fusion)
+            else:
+                out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
+                               dict(config), fusion=fusion)
+            counters = int(qm.split_counters(x.device).abs().sum())
+            want = fused_oracle(scheme, x, weights, group, bias, fusion)
+            results[name] = {"rel": rel_err(out, want), "dtype": str(out.dtype),
+                             "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
+                             "counters": counters}
+        except Exception as e:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     # The custom ops (what the CUDA dispatch calls) on CPU tensors, through the autotuner: timing
     # means nothing here, so every config is run once and the first is kept.
@@ -529,13 +601,15 @@ def interpreted():
     return run_child(__file__)
 
 
-@pytest.mark.parametrize("name", list(CASES) + list(OP_CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(OP_CASES) + list(FUSION_CASES))
 def test_triton_kernel_interpreted(interpreted, name):
     result = interpreted[name]
     assert "error" not in result, result.get("error")
     if name in CASES:
         _, m, dtype = CASES[name][:3]
         n = N
+    elif name in FUSION_CASES:
+        m, dtype, n = FUSION_CASES[name][1], "bf16", N
     else:
         (_, m), dtype, n = OP_CASES[name], "bf16", 24
     assert result["shape"] == [m, n]
@@ -597,7 +671,8 @@ def test_dot_kernel_mma_accumulators_stay_apart(group):
     fn = qm._qgemv_dot_kernel
     signature = {name: "i32" for name in fn.arg_names}
     signature.update({"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
-                      "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"})
+                      "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                      "g_ptr": "*bf16", "r_ptr": "*bf16", "eps": "fp32"})
     # The launcher's specialization for K = 4096: aligned pointers, K and strides % 16 == 0.
     aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("K", "stride_xm", "stride_wn",
                                                                        "stride_sn", "stride_om")]
@@ -606,7 +681,7 @@ def test_dot_kernel_mma_accumulators_stay_apart(group):
     failures = {}
     for c in qm._make_configs(qm.INT4, "dot", group):
         meta = dict(c.kwargs, SPLIT_K=2, EVEN_K=True, SCHEME=qm.INT4, GROUP=group, HAS_BIAS=False,
-                    FAST=True, BLOCK_M=block_m)
+                    FAST=True, BLOCK_M=block_m, PROLOGUE=0, HAS_RESIDUAL=False, PDL=False)
         sig = dict(signature, **{name: "constexpr" for name in meta})
         kernel = triton.compile(triton.compiler.ASTSource(fn, sig, meta, attrs),
                                 target=GPUTarget("cuda", 90, 32),
@@ -660,6 +735,85 @@ def test_cuda_dispatch_matches_float64(scheme, m):
     err = rel_err(out.cpu(), want)
     assert err < 8e-3, f"relative error {err:.2e}"
     assert _counters_sum() == 0
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 4, 40])
+@pytest.mark.parametrize("kind", ["norm", "silu", "norm+residual", "residual"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "int4", "dense"])
+def test_cuda_fused_dispatch_matches_float64(scheme, kind, m):
+    """The dispatchers with fusions, through the autotuned kernels (m <= 16) and the PyTorch ops
+    around cuBLAS (m = 40); K = 4096 splits K for the norm's sums of squares."""
+    gen = torch.Generator().manual_seed(m)
+    n, k, group = 300, 4096, 128
+    x, fusion = make_fusion_inputs(kind, 2 * m, n, k, torch.bfloat16, gen)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    weights, _ = _cuda_layer(scheme, n, k, group, gen)
+    want = fused_oracle(scheme, x, weights, group, bias, fusion)
+    dev = [w.cuda() for w in weights]
+    norm = None if fusion.norm_weight is None else (fusion.norm_weight.cuda(), fusion.eps)
+    residual = None if fusion.residual is None else fusion.residual.reshape(2, m, n).cuda()
+    kwargs = dict(norm=norm, silu_mul=fusion.silu_mul, residual=residual)
+    xc = x.reshape(2, m, -1).cuda()
+    with torch.inference_mode():
+        if scheme == "int4":
+            out = qm.int4_linear(xc, *dev, group, bias.cuda(), **kwargs)
+        elif scheme == "dense":
+            assert qm._dense_gemv_applies(xc, dev[0], bias.cuda(), qm.make_fusion(**kwargs)) == (m <= 16)
+            out = qm.dense_linear(xc, *dev, bias.cuda(), **kwargs)
+        else:
+            out = getattr(qm, f"{scheme}_linear")(xc, *dev, bias.cuda(), **kwargs)
+    assert out.shape == (2, m, n) and out.dtype == torch.bfloat16
+    err = rel_err(out.reshape(2 * m, n).cpu(), want)
+    assert err < 8e-3, f"relative error {err:.2e}"
+    assert _counters_sum() == 0
+
+
+def test_pdl_is_off_by_default_and_never_on_cpu():
+    assert qm.pdl_launch(torch.device("cpu")) == {"PDL": False}
+    qm.use_pdl(True)
+    try:
+        assert qm.pdl_launch(torch.device("cpu")) == {"PDL": False}  # the interpreter has none
+    finally:
+        qm.use_pdl(False)
+
+
+@cuda
+@pytest.mark.parametrize("scheme", ["dense", "int8", "int4"])
+def test_cuda_pdl_chain_equals_plain_launches(scheme):
+    """A chain of GEMVs, each reading the one before (split-K, fusions): with programmatic
+    dependent launch the results are the same bits as with plain launches."""
+    gen = torch.Generator().manual_seed(7)
+    k, group = 4096, 128
+    layers = [_cuda_layer(scheme, k, k, group, gen) for _ in range(6)]
+    weights = [[w.cuda() for w in ws] for ws, _ in layers]
+    norm = ((torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).cuda(), EPS)
+    x0 = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
+
+    def chain():
+        x = x0
+        with torch.inference_mode():
+            for i, ((_, call), w) in enumerate(zip(layers, weights)):
+                y = call(x, w, None) if i % 2 else _fused_call(scheme, x, w, group, norm, x)
+                x = y / y.float().norm() * 64  # keep the scale of x
+        return x
+
+    plain = chain()
+    qm.use_pdl(True)
+    try:
+        for _ in range(3):
+            assert torch.equal(chain(), plain)
+    finally:
+        qm.use_pdl(False)
+    assert _counters_sum() == 0
+
+
+def _fused_call(scheme, x, w, group, norm, residual):
+    if scheme == "int4":
+        return qm.int4_linear(x, *w, group, None, norm=norm, residual=residual)
+    if scheme == "dense":
+        return qm.dense_linear(x, *w, None, norm=norm, residual=residual)
+    return qm.int8_linear(x, *w, None, norm=norm, residual=residual)
 
 
 DENSE_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]

@@ -48,6 +48,7 @@ from tachylm.build import build_random_model  # noqa: E402
 from tachylm.checkpoints import CheckpointError  # noqa: E402
 from tachylm.evaluate import perplexity, sliding_windows  # noqa: E402
 from tachylm.model import Transformer  # noqa: E402
+from tachylm.kernels.linear import FusedLinear  # noqa: E402
 from tachylm.quant import (SCHEMES, Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear,  # noqa: E402
                            apply_quant_option, linear_names, prepare_for_quantized_load, quantize_model,
                            quantized_modules)
@@ -387,7 +388,7 @@ def test_quantize_model_swaps_every_linear(tie):
 def test_quantize_model_leaves_the_tied_head_by_default():
     model = _tiny_model(tie=True)
     quantize_model(model, "int4", group_size=32)
-    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
+    assert type(model.lm_head) is FusedLinear and model.lm_head.weight is model.embed.weight
 
 
 def test_apply_quant_option():

@@ -40,6 +40,7 @@ from tachylm.config import ModelConfig, RopeScaling
 from tachylm.engine import load_checkpoint, pick_device
 from tachylm.generate import Generation
 from tachylm.kernels.linear import use_fast_linears
+from tachylm.kernels.quant_matmul import pdl_launch, use_pdl
 from tachylm.model import Transformer
 from tachylm.quant import apply_quant_option
 from tachylm.sampling import SamplingParams, SamplingPlan, SamplingTensors, plan_for, sample, to_tensors
@@ -100,6 +101,8 @@ class BenchOptions:
             (round-to-nearest; see tachylm.quant), or None for the checkpoint's dtype.
         fast_linear: on CUDA, route small-batch float Linears through tachylm's Triton GEMV
             (tachylm.kernels.linear.FastLinear) instead of cuBLAS.
+        pdl: programmatic dependent launch of tachylm's Triton kernels where the GPU and Triton
+            have it (`kernels.quant_matmul.pdl_launch`; off by default, measured within noise).
         compile_backend: torch.compile backend for Steps ("eager" makes CPU tests fast).
         compile_tuning: Inductor's coordinate-descent tuning (Steps' `tuning`), on CUDA.
         batches: one decode run (and one long-context run) per batch size.
@@ -122,6 +125,7 @@ class BenchOptions:
     group_size: int = 128
     quant_head: bool = False
     fast_linear: bool = True
+    pdl: bool = False
     compile_backend: str = "inductor"
     compile_tuning: bool = False
     batches: tuple[int, ...] = (1,)
@@ -204,6 +208,7 @@ def iter_bench(options: BenchOptions, progress: Progress | None = None) -> Itera
     device = pick_device(options.device)
     dtype = parse_dtype(options.dtype, device)
     compiled = device.type == "cuda" if options.compile is None else options.compile
+    use_pdl(options.pdl)
     report(f"measuring peak bandwidth on {device}")
     peak = measure_copy_bandwidth(device, options.peak_copy_bytes)
     model = _load_model(options, device, dtype, report)
@@ -217,6 +222,7 @@ def iter_bench(options: BenchOptions, progress: Progress | None = None) -> Itera
               "quant": options.quant, "group_size": options.group_size if options.quant == "int4" else None,
               "quant_head": options.quant_head if options.quant else None,
               "fast_linear": options.fast_linear and device.type == "cuda",
+              "pdl": bool(pdl_launch(device)["PDL"]),
               "repeats": options.repeats, "peak_gb_s": peak, "weight_bytes": weight_bytes(model)}
     runs = [("decode", b, 0) for b in options.batches] + [("prefill", 1, n) for n in options.prefill]
     runs += [("long-context", b, options.context) for b in options.batches if options.context]

@@ -53,6 +53,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quant-head", action="store_true", help="quantize the output head too")
     p.add_argument("--fast-linear", action=argparse.BooleanOptionalAction, default=True,
                    help="Triton GEMV for small-batch float Linears on CUDA (default on)")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
+                   help="programmatic dependent launch of tachylm's kernels on Hopper and newer "
+                        "GPUs (default off: measured within noise)")
     p.add_argument("--compile-tuning", action=argparse.BooleanOptionalAction, default=False,
                    help="Inductor coordinate-descent tuning of the compiled step (default off: "
                         "it helps only with --no-fast-linear and costs compile time)")
@@ -102,6 +105,7 @@ def cmd_bench(args) -> int:
         model_cache_dir=os.environ.get(MODEL_CACHE_ENV), device=args.device, dtype=args.dtype,
         compile=args.compile, compile_prefill=args.compile_prefill, quant=args.quant,
         group_size=args.group_size, quant_head=args.quant_head, fast_linear=args.fast_linear,
+        pdl=args.pdl,
         compile_tuning=args.compile_tuning,
         compile_backend=args.compile_backend, batches=args.batch,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, prefill=args.prefill, context=args.context,

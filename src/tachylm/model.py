@@ -23,6 +23,8 @@ from torch import nn
 
 from tachylm.config import ModelConfig, rope_frequencies
 from tachylm.kernels.attention import apply_rotary, decode_attention
+from tachylm.kernels.linear import FusedLinear
+from tachylm.kernels.quant_matmul import rms_norm_ref
 
 if TYPE_CHECKING:  # the cache is passed in; the model only calls its update()
     from tachylm.cache import KVCache
@@ -37,9 +39,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
+
+    def fused(self) -> tuple[torch.Tensor, float]:
+        """The `norm=` argument of a Linear that applies this norm to its input itself."""
+        return self.weight, self.eps
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
@@ -72,19 +76,21 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.q_size, self.kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         # q, k and v in one matrix: one larger matrix-vector product reads memory better than three.
-        self.qkv_proj = nn.Linear(c.dim, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.qkv_proj = FusedLinear(c.dim, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
+        self.o_proj = FusedLinear(c.n_heads * c.head_dim, c.dim, bias=False)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                layer: int, input_pos: torch.Tensor, cache: KVCache | None,
+    def forward(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, layer: int, input_pos: torch.Tensor, cache: KVCache | None,
                 kv_limit: int | None = None) -> torch.Tensor:
+        """x + attention(norm(x)): the norm and the residual add happen in the projections."""
         batch, seq, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x, norm=norm.fused())
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # [B, T, H * D] -> [B, H, T, D]
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -99,7 +105,7 @@ class Attention(nn.Module):
             if seq == 1:
                 # Decode: one kernel rotates q and attends over the filled part of the cache.
                 out = decode_attention(q[:, :, 0], k, v, input_pos[:, 0], cos[:, 0, 0], sin[:, 0, 0])
-                return self.o_proj(out.reshape(batch, 1, self.q_size))  # out: [B, H, D]
+                return self.o_proj(out.reshape(batch, 1, self.q_size), residual=x)  # out: [B, H, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
         q = apply_rotary(q, cos, sin)
         if mask is None:
@@ -110,7 +116,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = grouped_attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return self.o_proj(out, residual=x)
 
 
 class MLP(nn.Module):
@@ -118,12 +125,14 @@ class MLP(nn.Module):
         super().__init__()
         self.ffn_dim = config.ffn_dim
         # gate and up projections fused into one matrix, like q/k/v.
-        self.gate_up_proj = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.gate_up_proj = FusedLinear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.down_proj = FusedLinear(config.ffn_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.ffn_dim, self.ffn_dim], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x + down(SiLU(gate) * up) of norm(x): the norm, SiLU-multiply and residual add happen
+        in the projections."""
+        gate_up = self.gate_up_proj(x, norm=norm.fused())  # [..., 2 * ffn_dim] = [gate | up]
+        return self.down_proj(gate_up, silu_mul=True, residual=x)
 
 
 class Block(nn.Module):
@@ -135,8 +144,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, layer, input_pos, cache, kv_limit=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, layer, input_pos, cache, kv_limit)
-        return x + self.mlp(self.mlp_norm(x))
+        x = self.attn(x, self.attn_norm, cos, sin, mask, layer, input_pos, cache, kv_limit)
+        return self.mlp(x, self.mlp_norm)
 
 
 class Transformer(nn.Module):
@@ -154,7 +163,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # With tied embeddings build.py makes lm_head.weight the embedding table itself; the head
         # is still a module so quantization can swap it like any other Linear.
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = FusedLinear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -197,5 +206,4 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, i, input_pos, cache, kv_limit)
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index][:, None]
-        x = self.norm(x)
-        return self.lm_head(x).float()
+        return self.lm_head(x, norm=self.norm.fused()).float()

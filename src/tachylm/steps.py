@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from tachylm.cache import KVCache
+from tachylm.kernels import custom_ops
 from tachylm.model import Transformer
 from tachylm.sampling import SamplingPlan, SamplingTensors, sample
 
@@ -26,6 +27,32 @@ PREFILL_MULTIPLE = 16
 def padded_length(length: int, limit: int) -> int:
     """Prompt length rounded up to the prefill granularity, never past `limit`."""
     return min(-(-length // PREFILL_MULTIPLE) * PREFILL_MULTIPLE, limit)
+
+
+def register_inductor_fallbacks() -> list:
+    """Register tachylm's custom ops with Inductor as fallback kernels before anything compiles;
+    return the ones registered now.
+
+    Inductor registers an op it has not seen at the op's first call in a graph, and up to at least
+    torch 2.11 it formats that call's arguments for a log line eagerly, whatever the log level.
+    The text of an argument includes its producers' arguments, recursively: when the first call
+    sits deep in a graph (the dense output head after 32 int8 layers, whose residual stream runs
+    from op to op) the text doubles with every layer and compilation never ends. Registered up
+    front, with the layout constraint Inductor would choose itself, no text is made. Where
+    Inductor's internals differ (other torch versions) nothing is registered and Inductor does it.
+    """
+    try:
+        from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:
+        return []
+    registered = []
+    for op in custom_ops():
+        if op not in lowerings:
+            tag = get_layout_constraint_tag(op, with_default=True)
+            make_fallback(op, layout_constraint=tag_to_layout_constraint(tag))
+            registered.append(op)
+    return registered
 
 
 class Steps:
@@ -54,6 +81,8 @@ class Steps:
         self.tuning = tuning
         self._decode_fns: dict[SamplingPlan, Callable] = {}
         self._prefill_fn = self._prefill_impl
+        if backend == "inductor" and (compile_decode or compile_prefill):
+            register_inductor_fallbacks()
         if compile_prefill:
             self._prefill_fn = torch.compile(self._prefill_impl, fullgraph=True, dynamic=True,
                                              backend=backend, options=self._options(cudagraphs=False))

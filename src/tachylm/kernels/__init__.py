@@ -1,10 +1,15 @@
 """Kernels: Triton (or other) implementations, each with a pure-PyTorch reference it is tested against.
 
 `quant_matmul` holds the decode-regime linear layers: weight-only quantized (int8, fp8, group-wise
-int4) and dense. `linear` holds `FastLinear`, the `nn.Linear` whose forward takes the dense kernels.
+int4) and dense, with the fusions around them (RMSNorm, SiLU-multiply, residual). `linear` holds
+the model's `FusedLinear` and `FastLinear`, the `nn.Linear`s whose forward takes the fusions
+(in PyTorch ops, or the dense kernels). `attention` holds the decode attention kernel.
 """
 
-from tachylm.kernels.linear import FastLinear, use_fast_linears
+import torch
+
+from tachylm.kernels.attention import decode_attention, decode_attention_ref
+from tachylm.kernels.linear import FastLinear, FusedLinear, use_fast_linears
 from tachylm.kernels.quant_matmul import (
     dense_linear,
     dense_linear_ref,
@@ -16,8 +21,21 @@ from tachylm.kernels.quant_matmul import (
     int8_linear_ref,
 )
 
+
+
+def custom_ops() -> tuple:
+    """The torch.library operators tachylm's kernels register (opaque to torch.compile)."""
+    ops = torch.ops.tachylm
+    return (ops.dense_linear.default, ops.int8_linear.default, ops.fp8_linear.default,
+            ops.int4_linear.default, ops.decode_attention.default)
+
+
 __all__ = [
+    "custom_ops",
+    "decode_attention",
+    "decode_attention_ref",
     "FastLinear",
+    "FusedLinear",
     "dense_linear",
     "dense_linear_ref",
     "fp8_linear",

@@ -31,11 +31,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tachylm.kernels.quant_matmul import HAS_TRITON, split_counters
+from tachylm.kernels.quant_matmul import HAS_TRITON, pdl_launch, split_counters
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from tachylm.kernels.quant_matmul import pdl_release, pdl_start
 
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 64  # cache slots per tile: [64, D] keys and values per step
@@ -118,8 +120,9 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_pos, stride_cb, qk_scale,
         N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr, ROPE: tl.constexpr,
+        PRECISION: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_start(PDL)  # programmatic dependent launch: see quant_matmul.pdl_launch
         pid_h = tl.program_id(0)  # b * N_KV_HEADS + kv head
         pid_s = tl.program_id(1)
         b = pid_h // N_KV_HEADS
@@ -171,6 +174,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
             m_i = m_new
 
+        pdl_release(PDL)
         # Partial of this slice: normalised output and log2-sum-exp2 (-inf for an empty slice).
         has = l_i > 0
         part = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -267,7 +271,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits,
             PRECISION=q.dtype == torch.float32, ROPE=cos is not None,
-            num_warps=4, num_stages=2)
+            num_warps=4, num_stages=2, **pdl_launch(q.device))
     return out
 
 

@@ -1,40 +1,70 @@
-"""FastLinear: `nn.Linear` whose forward takes the Triton GEMV kernels for decode-sized inputs.
+"""The model's Linear layers: `nn.Linear` with the decode-layer fusions, in PyTorch or Triton.
 
-Batch-1 decode reads every weight once per token, and cuBLAS's M = 1 GEMV reads bf16 weights
-slower than `quant_matmul`'s GEMV kernels do (see `quant_matmul.dense_linear`). `FastLinear` is an
-`nn.Linear` in every respect but its forward: same parameters, state-dict keys, `assign=True`
-loading and weight tying; its forward is `dense_linear`, which is `F.linear` wherever the kernels
-do not apply (CPU, prefill-sized inputs, float32 with several rows, autograd). Parameters of an
-`nn.Linear` require grad, so the kernels run under `torch.inference_mode()` / `torch.no_grad()`
-(as the engine's steps do) or after `model.requires_grad_(False)`.
+A transformer layer's decode step is a few matrix-vector products with small element-wise steps
+between them (RMSNorm, SiLU(gate) * up, the residual adds). `FusedLinear` is an `nn.Linear` whose
+forward takes them as keywords, `forward(x, norm=(weight, eps), silu_mul=..., residual=...)`, and
+computes `residual + W @ prologue(x) + b` in PyTorch ops (`quant_matmul.fused_linear_ref`); the
+model builds every projection as one. `FastLinear` computes the same with `dense_linear`: on CUDA
+for decode-sized inputs the Triton GEMV kernels do the fusion while they read the weight, so each
+step costs no kernel of its own; elsewhere (CPU, prefill-sized inputs, float32 with several rows,
+autograd) it is `F.linear` with the fusion around it. The quantized Linears of `tachylm.quant`
+take the same keywords.
+
+Both keep `nn.Linear`'s parameters, state-dict keys, `assign=True` loading and weight tying.
+Parameters of an `nn.Linear` require grad, so the kernels run under `torch.inference_mode()` /
+`torch.no_grad()` (as the engine's steps do) or after `model.requires_grad_(False)`.
 """
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tachylm.kernels.quant_matmul import dense_linear
+from tachylm.kernels.quant_matmul import dense_linear, fused_linear_ref, make_fusion
 
 
-class FastLinear(nn.Linear):
-    """`nn.Linear` with `dense_linear` as its forward (Triton GEMV on CUDA for few rows of x)."""
+class FusedLinear(nn.Linear):
+    """`nn.Linear` whose forward also takes the fusions (PyTorch ops; see the module docstring)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features], as `nn.Linear`."""
-        return dense_linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, *, norm: Optional[tuple] = None, silu_mul: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """residual + prologue(x) @ weight.T + bias.
+
+        Args:
+            x: [..., in_features] ([..., 2 * in_features] = [gate | up] with silu_mul).
+            norm: optional (weight [in_features], eps): RMSNorm x first.
+            silu_mul: the product's input is SiLU(gate) * up.
+            residual: optional [..., out_features], added to the result.
+        Returns:
+            [..., out_features].
+        """
+        fusion = make_fusion(norm, silu_mul, residual)
+        return fused_linear_ref(lambda t: F.linear(t, self.weight, self.bias), x, fusion)
+
+
+class FastLinear(FusedLinear):
+    """`FusedLinear` computed by `dense_linear` (Triton GEMV with the fusion, on CUDA)."""
+
+    def forward(self, x: torch.Tensor, *, norm: Optional[tuple] = None, silu_mul: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As `FusedLinear.forward`."""
+        return dense_linear(x, self.weight, self.bias, norm=norm, silu_mul=silu_mul,
+                            residual=residual)
 
 
 def use_fast_linears(model: nn.Module) -> int:
-    """Turn every plain `nn.Linear` in `model` into a `FastLinear`, in place; return how many.
+    """Turn every plain `nn.Linear` or `FusedLinear` in `model` into a `FastLinear`, in place;
+    return how many.
 
     Each module keeps its identity, parameters (the same Parameter objects: no copies, tied
     weights stay tied), buffers and hooks: only its class changes, which is all FastLinear adds.
-    Subclasses of `nn.Linear` (quantized or otherwise specialised layers) are left alone, so run
-    this after any transform that looks for `type(module) is nn.Linear` (quantization).
+    Other subclasses of `nn.Linear` are left alone; quantized Linears are not `nn.Linear`s.
     Works on meta-device models too (before `load_state_dict(assign=True)`).
     """
     swapped = 0
     for module in model.modules():  # each module once, however often it is shared
-        if type(module) is nn.Linear:
+        if type(module) in (nn.Linear, FusedLinear):
             module.__class__ = FastLinear
             swapped += 1
     return swapped

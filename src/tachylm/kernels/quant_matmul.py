@@ -66,7 +66,7 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,89 @@ _PTX_NIBBLES_TO_F16 = _nibbles_ptx("0x64646464")
 
 
 # ----------------------------------------------------------------------------------------------
+# Fusions around the product
+# ----------------------------------------------------------------------------------------------
+
+class Fusion(NamedTuple):
+    """What a fused linear layer does around its product: y = residual + W @ prologue(x) + bias.
+
+    The decode step of a transformer layer is a chain of matrix-vector products with small
+    element-wise steps between them; each step as its own kernel costs a launch and a pass over
+    the activations. The GEMV kernels do them in place: the RMSNorm of x (a sum of squares gathered
+    while x is read, applied to the result as one scale per row), SiLU(gate) * up, and the
+    residual add as the result is written.
+
+    Attributes:
+        norm_weight: RMSNorm x first with this weight [K] (and `eps`): `rms_norm_ref`.
+        eps: the RMSNorm epsilon.
+        silu_mul: x is [..., 2K] = [gate | up]; the product's input is SiLU(gate) * up.
+        residual: [..., N] in x's dtype, added to the result.
+    """
+
+    norm_weight: Optional[torch.Tensor] = None
+    eps: float = 0.0
+    silu_mul: bool = False
+    residual: Optional[torch.Tensor] = None
+
+
+NO_FUSION = Fusion()
+
+
+def make_fusion(norm: Optional[tuple] = None, silu_mul: bool = False,
+                residual: Optional[torch.Tensor] = None) -> Fusion:
+    """The public keyword arguments (`norm=(weight, eps)`, `silu_mul`, `residual`) as a Fusion."""
+    if norm is None:
+        return Fusion(None, 0.0, bool(silu_mul), residual)
+    weight, eps = norm
+    return Fusion(weight, float(eps), bool(silu_mul), residual)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Hugging Face computes it: normalised in float32, rounded to x's dtype, then
+    multiplied by the weight."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def linear_input_ref(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
+    """What the product of a fused linear layer multiplies: x after the fusion's prologue."""
+    if fusion.norm_weight is not None:
+        x = rms_norm_ref(x, fusion.norm_weight, fusion.eps)
+    if fusion.silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    return x
+
+
+def fused_linear_ref(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
+    """residual + linear(prologue(x)) in PyTorch ops, for any `linear` callable."""
+    y = linear(linear_input_ref(x, fusion))
+    return y if fusion.residual is None else fusion.residual + y
+
+
+def _check_fusion(name: str, x: torch.Tensor, k: int, n: int, fusion: Fusion) -> int:
+    """Check a fusion against a weight [N, K]; return the width x must have (2K with silu_mul)."""
+    if fusion.silu_mul and fusion.norm_weight is not None:
+        raise ValueError(f"{name}: norm and silu_mul cannot be fused into one layer; apply one "
+                         "outside")
+    w = fusion.norm_weight
+    if w is not None:
+        if tuple(w.shape) != (k,) or not w.is_floating_point() or w.device != x.device:
+            raise ValueError(f"{name}: the norm weight must be a floating-point [{k}] tensor on "
+                             f"{x.device}, got {w.dtype} {list(w.shape)} on {w.device}")
+        if not fusion.eps >= 0:
+            raise ValueError(f"{name}: the norm epsilon must be >= 0, got {fusion.eps}")
+    r = fusion.residual
+    if r is not None and (tuple(r.shape) != (*x.shape[:-1], n) or r.dtype != x.dtype
+                          or r.device != x.device):
+        raise ValueError(f"{name}: the residual must be a {x.dtype} tensor of shape "
+                         f"{[*x.shape[:-1], n]} on {x.device}, got {r.dtype} {list(r.shape)} "
+                         f"on {r.device}")
+    return 2 * k if fusion.silu_mul else k
+
+
+# ----------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------
 
@@ -180,15 +263,17 @@ def _check_scale(name: str, what: str, t: torch.Tensor, shape: tuple, device: to
         raise ValueError(f"{name}: {what} is on {t.device} but qweight on {device}")
 
 
-def _check_rowwise(name: str, want: torch.dtype, x, qweight, scale, bias) -> None:
+def _check_rowwise(name: str, want: torch.dtype, x, qweight, scale, bias,
+                   fusion: Fusion = NO_FUSION) -> None:
     if qweight.dtype != want or qweight.dim() != 2:
         raise ValueError(f"{name}: qweight must be a 2-D {want} tensor [N, K], got "
                          f"{qweight.dtype} of shape {list(qweight.shape)}")
-    _check_common(name, x, qweight, bias, qweight.shape[1])
+    width = _check_fusion(name, x, qweight.shape[1], qweight.shape[0], fusion)
+    _check_common(name, x, qweight, bias, width)
     _check_scale(name, "scale", scale, (qweight.shape[0],), qweight.device)
 
 
-def _check_int4(x, qweight, scale, zero, group_size, bias) -> None:
+def _check_int4(x, qweight, scale, zero, group_size, bias, fusion: Fusion = NO_FUSION) -> None:
     name = "int4_linear"
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise ValueError(f"{name}: qweight must be a 2-D uint8 tensor [N, K/2] (two 4-bit values "
@@ -200,7 +285,7 @@ def _check_int4(x, qweight, scale, zero, group_size, bias) -> None:
     if k % group_size:
         raise ValueError(f"{name}: K = {k} (2 * qweight.shape[1]) is not a multiple of "
                          f"group_size {group_size}")
-    _check_common(name, x, qweight, bias, k)
+    _check_common(name, x, qweight, bias, _check_fusion(name, x, k, n, fusion))
     _check_scale(name, "scale", scale, (n, k // group_size), qweight.device)
     _check_scale(name, "zero", zero, (n, k // group_size), qweight.device)
 
@@ -388,25 +473,100 @@ if HAS_TRITON:
             return w.to(tl.float32).to(DTYPE)
 
     @triton.jit
-    def _write_out(acc, offs_n, offs_m, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr):
-        # acc: [BLOCK_N, BLOCK_M] float32 = out^T for this program's rows.
+    def pdl_start(PDL: tl.constexpr):
+        """Under programmatic dependent launch: wait until the kernel before has finished and its
+        writes are visible. Every kernel launched with PDL must wait, even one that reads nothing
+        its predecessor wrote: that keeps the ordering transitive along the stream."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def pdl_release(PDL: tl.constexpr):
+        """Under programmatic dependent launch: let the next kernel launch once every program has
+        passed here (its programs take SMs as ours finish, and wait in `pdl_start`)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _load_x(x_ptr, x_offs, k_offs, mask, K, g_ptr, PROLOGUE: tl.constexpr,
+                MASKED: tl.constexpr):
+        """The product's input at x_offs (k at k_offs) after the prologue, float32, and x itself
+        (float32; what the RMSNorm's sum of squares adds up).
+
+        PROLOGUE 0: x. 1 (RMSNorm): x * g[k]; the 1 / rms factor is applied to the result. 2: x is
+        [gate | up] of width 2K; SiLU(gate) * up.
+        """
+        if MASKED:
+            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + x_offs).to(tl.float32)
+        if PROLOGUE == 1:
+            if MASKED:
+                g = tl.load(g_ptr + k_offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                g = tl.load(g_ptr + k_offs).to(tl.float32)
+            return x * g, x
+        elif PROLOGUE == 2:
+            if MASKED:
+                up = tl.load(x_ptr + x_offs + K, mask=mask, other=0.0).to(tl.float32)
+            else:
+                up = tl.load(x_ptr + x_offs + K).to(tl.float32)
+            return x * tl.sigmoid(x) * up, x
+        else:
+            return x, x
+
+    @triton.jit
+    def _x_tile(x_ptr, x_offs, k_offs, mask, K, g_ptr, PROLOGUE: tl.constexpr,
+                MASKED: tl.constexpr):
+        """The tensor-core kernel's x tile in x's dtype (after the prologue, rounded), and x in
+        float32 for the RMSNorm's sum of squares (with PROLOGUE 0 the tile itself, unused)."""
+        if PROLOGUE == 0:
+            if MASKED:
+                xt = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+            else:
+                xt = tl.load(x_ptr + x_offs)
+            return xt, xt
+        else:
+            xf, x_in = _load_x(x_ptr, x_offs, k_offs, mask, K, g_ptr, PROLOGUE, MASKED)
+            return xf.to(x_ptr.dtype.element_ty), x_in
+
+    @triton.jit
+    def _write_out(acc, offs_n, offs_m, M, N, b_ptr, r_ptr, out_ptr, stride_om,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        # acc: [BLOCK_N, BLOCK_M] float32 = out^T for this program's rows. The residual shares
+        # out's layout [M, N].
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + bias[:, None]
-        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        idx = offs_m[None, :] * stride_om + offs_n[:, None]
+        if HAS_RESIDUAL:
+            acc = acc + tl.load(r_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _finish(acc, offs_n, offs_m, M, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
-                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """Write acc ([BLOCK_N, BLOCK_M] float32, scaled) or, under split-K, reduce the partials."""
+    def _finish(acc, sumsq, offs_n, offs_m, M, N, K, eps, pid_n, pid_k, b_ptr, r_ptr, out_ptr,
+                ws_ptr, cnt_ptr, stride_om, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                NORM: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+        """Write acc ([BLOCK_N, BLOCK_M] float32, scaled) or, under split-K, reduce the partials.
+
+        With NORM, sumsq [BLOCK_M] is this program's sum of x^2 over its K range, and the result
+        is scaled by 1 / sqrt(sum / K + eps) (under split-K from the sum over every split).
+        """
+        pdl_release(PDL)  # the weights are read: the next kernel may launch
         if SPLIT_K == 1:
-            _write_out(acc, offs_n, offs_m, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+            if NORM:
+                acc = acc / tl.sqrt_rn(sumsq / K + eps)[None, :]
+            _write_out(acc, offs_n, offs_m, M, N, b_ptr, r_ptr, out_ptr, stride_om, HAS_BIAS,
+                       HAS_RESIDUAL)
         else:
             mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
             idx = offs_m[None, :] * N + offs_n[:, None]  # into a [M, N] float32 partial
             tl.store(ws_ptr + pid_k * M * N + idx, acc, mask=mask)
+            if NORM:
+                # Past the partials: [SPLIT_K, M] sums of squares. Every row block of a split
+                # stores the same values (same x, same order), so their writes agree.
+                tl.store(ws_ptr + SPLIT_K * M * N + pid_k * M + offs_m, sumsq, mask=offs_m < M)
             # Every thread's partial is stored before one thread publishes the arrival (release);
             # the last program's acquire orders its reads of the other partials after theirs.
             tl.debug_barrier()
@@ -416,7 +576,14 @@ if HAS_TRITON:
                 for s in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
                     total += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0,
                                      cache_modifier=".cg")
-                _write_out(total, offs_n, offs_m, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+                if NORM:
+                    ss = tl.zeros_like(sumsq)
+                    for s in tl.static_range(SPLIT_K):
+                        ss += tl.load(ws_ptr + SPLIT_K * M * N + s * M + offs_m,
+                                      mask=offs_m < M, other=0.0, cache_modifier=".cg")
+                    total = total / tl.sqrt_rn(ss / K + eps)[None, :]
+                _write_out(total, offs_n, offs_m, M, N, b_ptr, r_ptr, out_ptr, stride_om,
+                           HAS_BIAS, HAS_RESIDUAL)
                 # Ready for the next launch.
                 tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
@@ -432,9 +599,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _qgemv_m1_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        N, K, stride_wn,
+        x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
+        N, K, stride_wn, eps,
         SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
@@ -444,7 +612,10 @@ if HAS_TRITON:
         CUDA-core multiply-adds into a [BLOCK_N, BLOCK_K] float32 tile, reduced once at the end.
         Grid (cdiv(N, BLOCK_N), SPLIT_K). Rows past N are clamped to N - 1 (read, never written)
         so the weight loads carry no row mask; with EVEN_K they carry no mask at all.
+        PROLOGUE and HAS_RESIDUAL: the fusions (`Fusion`, `_load_x`), g_ptr the norm weight and
+        r_ptr the residual. PDL: see `pdl_launch`.
         """
+        pdl_start(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -454,30 +625,37 @@ if HAS_TRITON:
         # 64-bit row offsets: N * K may pass 2**31 (a 128k-vocab head at K = 16384).
         w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
         acc_t = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        sq_t = tl.zeros((1, BLOCK_K), tl.float32)  # RMSNorm: x^2 summed per column of the tile
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             if EVEN_K:
                 wf = _rowwise_to_f32(tl.load(w_ptrs + k0), SCHEME, FAST)
-                x = tl.load(x_ptr + k0 + offs_k)
+                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, None, K, g_ptr, PROLOGUE,
+                                  False)
             else:
                 # No `other` for the weight (fp8 has no literal zero to fill with); the ragged
                 # columns are zeroed after conversion (an fp8 NaN pattern times 0 is NaN).
                 k_ok = (k0 + offs_k) < K
                 wf = _rowwise_to_f32(tl.load(w_ptrs + k0, mask=k_ok[None, :]), SCHEME, FAST)
                 wf = tl.where(k_ok[None, :], wf, 0.0)
-                x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
-            acc_t += wf * x.to(tl.float32)[None, :]
+                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, K, g_ptr, PROLOGUE,
+                                  True)
+            acc_t += wf * x[None, :]
+            if PROLOGUE == 1:
+                sq_t += (x_in * x_in)[None, :]
         acc = tl.sum(acc_t, axis=1)
         if SCHEME != 3:
             acc = acc * tl.load(s_ptr + rows).to(tl.float32)
         offs_m = tl.arange(0, 1)
-        _finish(acc[:, None], offs_n, offs_m, 1, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                N, HAS_BIAS, SPLIT_K)
+        _finish(acc[:, None], tl.sum(sq_t, axis=1), offs_n, offs_m, 1, N, K, eps, pid_n, pid_k,
+                b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr, N, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1,
+                SPLIT_K, PDL)
 
     @triton.jit
     def _qgemv_dot_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, g_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_om, eps,
         SCHEME: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, K_SLICES: tl.constexpr,
         STAGES: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
@@ -489,7 +667,10 @@ if HAS_TRITON:
         weights (SCHEME 3) are in x's dtype and have no scale (s_ptr unused).
         Rows of W past N and rows of x past M are clamped (read, never written). BLOCK_M must be
         >= 2 when K_SLICES > num_warps (a Triton miscompilation, see `_dot_block_m`).
+        PROLOGUE and HAS_RESIDUAL as `_qgemv_m1_kernel`; the prologue's result is rounded to x's
+        dtype for the MMA.
         """
+        pdl_start(PDL)
         BLOCK_K: tl.constexpr = SUB_K * K_SLICES
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         pid_n = tl.program_id(0)
@@ -501,6 +682,7 @@ if HAS_TRITON:
         offs_s = tl.arange(0, K_SLICES)
         k_start, k_end = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc3 = tl.zeros((K_SLICES, BLOCK_N, BLOCK_M), tl.float32)
+        sumsq = tl.zeros((BLOCK_M,), tl.float32)  # RMSNorm: sum of x^2 per row of x
         if SCHEME == 2:
             HALF: tl.constexpr = GROUP // 2
             OFFSET: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
@@ -510,21 +692,25 @@ if HAS_TRITON:
             w_ptrs = w_ptr + rows.to(tl.int64)[None, :, None] * stride_wn + byte_off[:, None, :]
             kk = offs_s[:, None] * GROUP + offs_k[None, :]  # [K_SLICES, GROUP] k in a tile
             # x^T tile [K_SLICES, GROUP, BLOCK_M]
-            x_ptrs = x_ptr + x_rows[None, None, :] * stride_xm + kk[:, :, None]
+            x_offs = x_rows[None, None, :] * stride_xm + kk[:, :, None]
             g_ptrs = rows[None, :] * stride_sn + offs_s[:, None]  # [K_SLICES, BLOCK_N]
             for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
                 g0 = k0 // GROUP
                 if EVEN_K:
                     b = tl.load(w_ptrs + k0 // 2)
-                    xt = tl.load(x_ptrs + k0)
+                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0, None, K, g_ptr,
+                                       PROLOGUE, False)
                     s = tl.load(s_ptr + g_ptrs + g0)
                     z = tl.load(z_ptr + g_ptrs + g0)
                 else:
                     s_ok = (k0 + offs_s * GROUP) < K  # whole groups: K is a multiple of GROUP
                     b = tl.load(w_ptrs + k0 // 2, mask=s_ok[:, None, None], other=0)
-                    xt = tl.load(x_ptrs + k0, mask=s_ok[:, None, None], other=0.0)
+                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0,
+                                       s_ok[:, None, None], K, g_ptr, PROLOGUE, True)
                     s = tl.load(s_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
                     z = tl.load(z_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
+                if PROLOGUE == 1:
+                    sumsq += tl.sum(tl.sum(x_in * x_in, axis=1), axis=0)
                 low, high = _nibbles_to_16bit(b, DTYPE, FAST)  # OFFSET + q, even and odd k
                 wt = tl.reshape(tl.join(low, high), (K_SLICES, BLOCK_N, GROUP))  # k order restored
                 d = tl.dot(wt, xt)  # [K_SLICES, BLOCK_N, BLOCK_M]: sum((OFFSET + q) * x) per group
@@ -540,23 +726,27 @@ if HAS_TRITON:
             kk = offs_s[:, None] * SUB_K + offs_k[None, :]  # [K_SLICES, SUB_K] offsets in a tile
             # W tile [K_SLICES, BLOCK_N, SUB_K], x^T tile [K_SLICES, SUB_K, BLOCK_M]
             w_ptrs = w_ptr + rows.to(tl.int64)[None, :, None] * stride_wn + kk[:, None, :]
-            x_ptrs = x_ptr + x_rows[None, None, :] * stride_xm + kk[:, :, None]
+            x_offs = x_rows[None, None, :] * stride_xm + kk[:, :, None]
             for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
                 if EVEN_K:
                     wt = _rowwise_to_16bit(tl.load(w_ptrs + k0), SCHEME, DTYPE, FAST)
-                    xt = tl.load(x_ptrs + k0)
+                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0, None, K, g_ptr,
+                                       PROLOGUE, False)
                 else:
                     k_ok = (k0 + kk) < K
                     w = tl.load(w_ptrs + k0, mask=k_ok[:, None, :])
                     wt = _rowwise_to_16bit(w, SCHEME, DTYPE, FAST)
                     wt = tl.where(k_ok[:, None, :], wt, 0.0)
-                    xt = tl.load(x_ptrs + k0, mask=k_ok[:, :, None], other=0.0)
+                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0,
+                                       k_ok[:, :, None], K, g_ptr, PROLOGUE, True)
+                if PROLOGUE == 1:
+                    sumsq += tl.sum(tl.sum(x_in * x_in, axis=1), axis=0)
                 acc3 = tl.dot(wt, xt, acc3)
             acc = tl.sum(acc3, axis=0)
             if SCHEME != 3:
                 acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
-        _finish(acc, offs_n, offs_m, M, N, pid_n, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
-                HAS_BIAS, SPLIT_K)
+        _finish(acc, sumsq, offs_n, offs_m, M, N, K, eps, pid_n, pid_k, b_ptr, r_ptr, out_ptr, ws_ptr,
+                cnt_ptr, stride_om, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1, SPLIT_K, PDL)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
@@ -718,11 +908,46 @@ def _make_configs(scheme: int, kind: str, group: int) -> list:
 def _tuned_kernel(scheme: int, kind: str, group: int):
     """The autotuned launcher for one scheme, kernel kind ("m1" or "dot") and int4 group size."""
     base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
-    key = ["N", "K"] if kind == "m1" else ["N", "K", "BLOCK_M"]
+    key = ["N", "K", "PROLOGUE", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
     with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
     return triton.autotune(configs=_make_configs(scheme, kind, group), key=key,
                            prune_configs_by={"early_config_prune": _prune},
                            **_autotune_kwargs())(with_even_k)
+
+
+# Off by default: on an H100 it measured within noise (decode-8b bf16 180.8 against 179.3
+# tokens/s, int4 321.3 against 323.5; BENCHMARKS.md). The kernels are ready for it (each waits
+# before reading, and releases its dependents once its weights are read), so a kernel that does
+# useful work before its wait (prefetching weights) can build on it.
+_PDL = {"enabled": False}
+
+
+def use_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch of tachylm's kernels on or off (the default)."""
+    _PDL["enabled"] = bool(enabled)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device: torch.device) -> bool:
+    if not (HAS_TRITON and device.type == "cuda"):
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return ("launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+            and hasattr(tl.extra.cuda, "gdc_wait")
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Programmatic dependent launch (Hopper and newer, a Triton that has it): the kernel's launch
+    overlaps the end of the kernel before it, and the kernel waits (`pdl_start`) before it reads
+    anything that kernel wrote. Returns the launch keywords: PDL for the kernel, launch_pdl for
+    Triton's launcher; {"PDL": False} elsewhere (the interpreter, older GPUs and Triton)."""
+    if _PDL["enabled"] and _pdl_supported(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 _SPLIT_COUNTERS: dict = {}
@@ -815,7 +1040,8 @@ def _gemv_applies(scheme: int, m: int, dtype: torch.dtype) -> bool:
 
 def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[torch.Tensor],
           zero: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor],
-          config: Optional[dict] = None, kind: Optional[str] = None) -> torch.Tensor:
+          config: Optional[dict] = None, kind: Optional[str] = None,
+          fusion: Fusion = NO_FUSION) -> torch.Tensor:
     """Launch a GEMV kernel on x [M, K] (M <= GEMV_MAX_M) and return out [M, N] in x's dtype.
 
     Args:
@@ -826,8 +1052,11 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
             "dot" kernel: BLOCK_N, SUB_K (= group for int4), K_SLICES (>= num_warps), STAGES,
             SPLIT_K, num_warps.
         kind: "m1" or "dot" to override `_kernel_kind` (benchmarks; "m1" needs M == 1, not int4).
+        fusion: the prologue and residual done in the kernel (x is [M, 2K] with silu_mul, the
+            residual [M, N] contiguous, the norm weight [K]).
     """
-    m, k = x.shape
+    m = x.shape[0]
+    k = x.shape[1] // 2 if fusion.silu_mul else x.shape[1]
     n = qweight.shape[0]
     kind = kind or _kernel_kind(scheme, m)
     if kind == "m1" and (m != 1 or scheme == INT4):
@@ -844,16 +1073,22 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     else:
         max_split = config["SPLIT_K"]
         n_blocks = _cdiv(n, config["BLOCK_N"]) if max_split > 1 else 0
-    ws = torch.empty((max_split if max_split > 1 else 0, m, n), dtype=torch.float32,
+    # Split-K: the [SPLIT_K, M, N] partials, then [SPLIT_K, M] sums of squares for the RMSNorm.
+    ws = torch.empty((max_split * (m * n + m) if max_split > 1 else 0,), dtype=torch.float32,
                      device=x.device)
     counters = split_counters(x.device, n_blocks)
     bias_arg = out if bias is None else bias
+    norm_arg = out if fusion.norm_weight is None else fusion.norm_weight  # never read if absent
+    residual_arg = out if fusion.residual is None else fusion.residual
+    prologue = 1 if fusion.norm_weight is not None else 2 if fusion.silu_mul else 0
     # Inline PTX on the GPU; the interpreter (CPU tensors) runs the plain Triton forms.
     fast = x.is_cuda
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     if kind == "m1":
-        args = (x, w, scale_arg, bias_arg, out, ws, counters, n, k, qweight.stride(0))
-        common = dict(SCHEME=scheme, HAS_BIAS=bias is not None, FAST=fast)
+        args = (x, w, scale_arg, bias_arg, norm_arg, residual_arg, out, ws, counters, n, k,
+                qweight.stride(0), fusion.eps)
+        common = dict(SCHEME=scheme, HAS_BIAS=bias is not None, FAST=fast, PROLOGUE=prologue,
+                      HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
         if config is None:
             _tuned_kernel(scheme, kind, group)[grid](*args, **common)
         else:
@@ -863,14 +1098,16 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
             _qgemv_m1_kernel[grid](*args, **common, **meta, num_warps=num_warps,
                                    num_stages=meta["STAGES"])
     else:
-        args = (x, w, scale_arg, scale_arg if zero is None else zero, bias_arg, out, ws, counters,
-                m, n, k, x.stride(0), qweight.stride(0), scale_arg.stride(0), out.stride(0))
+        args = (x, w, scale_arg, scale_arg if zero is None else zero, bias_arg, norm_arg,
+                residual_arg, out, ws, counters, m, n, k, x.stride(0), qweight.stride(0),
+                scale_arg.stride(0), out.stride(0), fusion.eps)
         if config is None:
             block_m = _tuned_dot_block_m(scheme, group, m)
         else:
             block_m = _dot_block_m(m, [(config["K_SLICES"], config.get("num_warps", 4))])
         common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
-                      BLOCK_M=block_m)
+                      BLOCK_M=block_m, PROLOGUE=prologue,
+                      HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
         if config is None:
             _tuned_kernel(scheme, kind, group)[grid](*args, **common)
         else:
@@ -905,8 +1142,11 @@ def dequantize_triton(scheme: int, qweight: torch.Tensor, scale: torch.Tensor,
 
 def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                    scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], group: int,
-                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] -> [M, N]: GEMV kernels for few rows, (dequantize +) cuBLAS beyond GEMV_MAX_M."""
+                   bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION) -> torch.Tensor:
+    """x [M, K] -> [M, N]: GEMV kernels for few rows, (dequantize +) cuBLAS beyond GEMV_MAX_M.
+
+    The fusion runs inside the GEMV kernels, and as PyTorch ops around cuBLAS.
+    """
     # Row views (a tensor-parallel shard along N) are read in place; anything else would need a
     # copy of the weight on every call, so it is refused instead.
     for name, t in (("qweight", qweight), ("scale", scale), ("zero", zero)):
@@ -923,153 +1163,198 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
     # Triton launches on the current device; CPU tensors mean the interpreter.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if _gemv_applies(scheme, m, x.dtype):
-            return _gemv(scheme, x, qweight, scale, zero, group, bias)
+            fusion = fusion._replace(
+                norm_weight=None if fusion.norm_weight is None else fusion.norm_weight.contiguous(),
+                residual=None if fusion.residual is None else fusion.residual.contiguous())
+            return _gemv(scheme, x, qweight, scale, zero, group, bias, fusion=fusion)
         if scheme == DENSE:
-            return F.linear(x, qweight, bias)
+            return fused_linear_ref(lambda t: F.linear(t, qweight, bias), x, fusion)
         w = dequantize_triton(scheme, qweight, scale, zero, group, x.dtype)
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return fused_linear_ref(lambda t: F.linear(t, w, None if bias is None else bias.to(x.dtype)),
+                                x, fusion)
 
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops (opaque to torch.compile) and the public dispatchers
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("tachylm::int8_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
-def _int8_linear_op(x, qweight, scale, bias):
-    return _triton_linear(INT8, x, qweight, scale, None, 0, bias)
+_FUSION_SCHEMA = "Tensor? norm_weight=None, float eps=0.0, bool silu_mul=False, Tensor? residual=None"
 
 
-@torch.library.custom_op("tachylm::fp8_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
-def _fp8_linear_op(x, qweight, scale, bias):
-    return _triton_linear(FP8, x, qweight, scale, None, 0, bias)
+def _rowwise_op(name: str, scheme: int):
+    """The custom op of a row-wise scheme (int8, fp8): one scale per output row."""
+    @torch.library.custom_op(f"tachylm::{name}", mutates_args=(),
+                             schema=f"(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, "
+                                    f"{_FUSION_SCHEMA}) -> Tensor")
+    def op(x, qweight, scale, bias, norm_weight=None, eps=0.0, silu_mul=False, residual=None):
+        return _triton_linear(scheme, x, qweight, scale, None, 0, bias,
+                              Fusion(norm_weight, eps, silu_mul, residual))
+    return op
 
 
-@torch.library.custom_op(
-    "tachylm::int4_linear", mutates_args=(),
-    schema="(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size, Tensor? bias)"
-           " -> Tensor")
-def _int4_linear_op(x, qweight, scale, zero, group_size, bias):
-    return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias)
+_int8_linear_op = _rowwise_op("int8_linear", INT8)
+_fp8_linear_op = _rowwise_op("fp8_linear", FP8)
+
+
+@torch.library.custom_op("tachylm::int4_linear", mutates_args=(),
+                         schema=f"(Tensor x, Tensor qweight, Tensor scale, Tensor zero, "
+                                f"int group_size, Tensor? bias, {_FUSION_SCHEMA}) -> Tensor")
+def _int4_linear_op(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0,
+                    silu_mul=False, residual=None):
+    return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias,
+                          Fusion(norm_weight, eps, silu_mul, residual))
 
 
 @torch.library.custom_op("tachylm::dense_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-def _dense_linear_op(x, weight, bias):
-    return _triton_linear(DENSE, x, weight, None, None, 0, bias)
+                         schema=f"(Tensor x, Tensor weight, Tensor? bias, {_FUSION_SCHEMA}) "
+                                "-> Tensor")
+def _dense_linear_op(x, weight, bias, norm_weight=None, eps=0.0, silu_mul=False, residual=None):
+    return _triton_linear(DENSE, x, weight, None, None, 0, bias,
+                          Fusion(norm_weight, eps, silu_mul, residual))
 
 
-@_int8_linear_op.register_fake
-def _int8_linear_fake(x, qweight, scale, bias):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
-@_fp8_linear_op.register_fake
-def _fp8_linear_fake(x, qweight, scale, bias):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
-@_int4_linear_op.register_fake
-def _int4_linear_fake(x, qweight, scale, zero, group_size, bias):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
-@_dense_linear_op.register_fake
-def _dense_linear_fake(x, weight, bias):
+def _fake_output(x, weight):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+for _op in (_int8_linear_op, _fp8_linear_op, _int4_linear_op, _dense_linear_op):
+    _op.register_fake(lambda x, weight, *args: _fake_output(x, weight))
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     return HAS_TRITON and x.is_cuda
 
 
+def _is_fused(fusion: Fusion) -> bool:
+    return fusion.norm_weight is not None or fusion.silu_mul or fusion.residual is not None
+
+
+def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
+             fusion: Fusion) -> torch.Tensor:
+    """op(x as [M, width], *operands, *fusion) reshaped to [..., n].
+
+    Where a GEMV kernel will run, the fusion goes into the op (the kernel does it); elsewhere it
+    runs as PyTorch ops around the op, where torch.compile can fuse them with their neighbours.
+    """
+    m = math.prod(x.shape[:-1])
+    if _is_fused(fusion) and not _gemv_applies(scheme, m, x.dtype):
+        return fused_linear_ref(lambda t: _call_op(scheme, op, t, n, operands, NO_FUSION), x,
+                                fusion)
+    if _kernel_kind(scheme, m) == "dot" and (fusion.norm_weight is not None or fusion.silu_mul):
+        # The tensor-core kernel takes the residual but not the prologue: computing the prologue
+        # between its x loads and the MMA cost int4 decode 7% on an H100 (BENCHMARKS.md).
+        x = linear_input_ref(x, fusion)
+        fusion = Fusion(residual=fusion.residual)
+    residual = None if fusion.residual is None else fusion.residual.reshape(-1, n)
+    out = op(x.reshape(-1, x.shape[-1]), *operands, fusion.norm_weight, fusion.eps,
+             fusion.silu_mul, residual)
+    return out.reshape(*x.shape[:-1], n)
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ (qweight * scale[:, None]).T + bias.
+                bias: Optional[torch.Tensor] = None, *, norm: Optional[tuple] = None,
+                silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = residual + (qweight * scale[:, None]) @ prologue(x) + bias (see `Fusion`).
 
     On CUDA (with Triton): the GEMV kernels for up to GEMV_MAX_M rows, dequantize + cuBLAS beyond.
-    Elsewhere: `int8_linear_ref`.
+    Elsewhere: `int8_linear_ref` (with `fused_linear_ref` for the fusion).
 
     Args:
-        x: [..., K] float32 / bfloat16 / float16.
+        x: [..., K] float32 / bfloat16 / float16 ([..., 2K] = [gate | up] with silu_mul).
         qweight: int8 [N, K].
         scale: float32 / bfloat16 / float16 [N].
         bias: optional [N].
+        norm: optional (weight [K], eps): RMSNorm x first.
+        silu_mul: multiply SiLU(gate) * up.
+        residual: optional [..., N] in x's dtype, added to the result.
     Returns:
         [..., N] in x's dtype.
     """
+    fusion = make_fusion(norm, silu_mul, residual)
+    _check_rowwise("int8_linear", torch.int8, x, qweight, scale, bias, fusion)
     if not _use_triton(x):
-        return int8_linear_ref(x, qweight, scale, bias)
-    _check_rowwise("int8_linear", torch.int8, x, qweight, scale, bias)
-    out = _int8_linear_op(x.reshape(-1, x.shape[-1]), qweight, scale, bias)
-    return out.reshape(*x.shape[:-1], qweight.shape[0])
+        return fused_linear_ref(lambda t: int8_linear_ref(t, qweight, scale, bias), x, fusion)
+    return _call_op(INT8, _int8_linear_op, x, qweight.shape[0], (qweight, scale, bias), fusion)
 
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ (float(qweight) * scale[:, None]).T + bias with qweight float8_e4m3fn [N, K].
+               bias: Optional[torch.Tensor] = None, *, norm: Optional[tuple] = None,
+               silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`int8_linear` for qweight float8_e4m3fn [N, K]: w = float(qweight) * scale[:, None].
 
     Dispatch, arguments and result as `int8_linear`.
     """
+    fusion = make_fusion(norm, silu_mul, residual)
+    _check_rowwise("fp8_linear", torch.float8_e4m3fn, x, qweight, scale, bias, fusion)
     if not _use_triton(x):
-        return fp8_linear_ref(x, qweight, scale, bias)
-    _check_rowwise("fp8_linear", torch.float8_e4m3fn, x, qweight, scale, bias)
-    out = _fp8_linear_op(x.reshape(-1, x.shape[-1]), qweight, scale, bias)
-    return out.reshape(*x.shape[:-1], qweight.shape[0])
+        return fused_linear_ref(lambda t: fp8_linear_ref(t, qweight, scale, bias), x, fusion)
+    return _call_op(FP8, _fp8_linear_op, x, qweight.shape[0], (qweight, scale, bias), fusion)
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ w.T + bias with w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
+                group_size: int, bias: Optional[torch.Tensor] = None, *,
+                norm: Optional[tuple] = None, silu_mul: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`int8_linear` for group-wise int4: w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
 
-    Dispatch as `int8_linear`; arguments and result as `int4_linear_ref`.
+    Dispatch and fusion as `int8_linear`; the other arguments and result as `int4_linear_ref`.
     """
+    fusion = make_fusion(norm, silu_mul, residual)
+    _check_int4(x, qweight, scale, zero, group_size, bias, fusion)
     if not _use_triton(x):
-        return int4_linear_ref(x, qweight, scale, zero, group_size, bias)
-    _check_int4(x, qweight, scale, zero, group_size, bias)
-    out = _int4_linear_op(x.reshape(-1, x.shape[-1]), qweight, scale, zero, group_size, bias)
-    return out.reshape(*x.shape[:-1], qweight.shape[0])
+        return fused_linear_ref(
+            lambda t: int4_linear_ref(t, qweight, scale, zero, group_size, bias), x, fusion)
+    return _call_op(INT4, _int4_linear_op, x, qweight.shape[0],
+                    (qweight, scale, zero, group_size, bias), fusion)
 
 
-def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor,
-                        bias: Optional[torch.Tensor]) -> bool:
-    """Whether `dense_linear` may take the Triton GEMV: exactly F.linear's function, read faster.
+def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        fusion: Fusion = NO_FUSION) -> bool:
+    """Whether `dense_linear` may take the Triton GEMV: exactly F.linear's function (with the
+    fusion's PyTorch ops around it), read faster.
 
     Anything else (CPU, mixed dtypes or devices, bad or empty shapes, a strided K axis, many rows
     of x, autograd) goes to F.linear, which computes it or raises its own error.
     """
+    width = 2 * weight.shape[-1] if fusion.silu_mul else weight.shape[-1]
     if not (_use_triton(x) and weight.dim() == 2 and x.dim() >= 1 and weight.numel() > 0
-            and x.shape[-1] == weight.shape[1] and x.dtype == weight.dtype
+            and x.shape[-1] == width and x.dtype == weight.dtype
             and x.dtype in ACTIVATION_DTYPES and weight.device == x.device
             and (weight.shape[1] <= 1 or weight.stride(1) == 1)):
         return False
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device
                              or tuple(bias.shape) != (weight.shape[0],)):
         return False
+    tensors = (x, weight, bias, fusion.norm_weight, fusion.residual)
+    try:
+        _check_fusion("dense_linear", x, weight.shape[1], weight.shape[0], fusion)
+    except ValueError:
+        return False
     # The custom op has no backward: anything that records autograd takes F.linear.
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     return _gemv_applies(DENSE, math.prod(x.shape[:-1]), x.dtype)
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ weight.T + bias, with `F.linear`'s contract (a drop-in for it).
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 norm: Optional[tuple] = None, silu_mul: bool = False,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = residual + prologue(x) @ weight.T + bias: `F.linear`'s contract, with the fusion.
 
     On CUDA (with Triton), for up to DENSE_GEMV_MAX_M rows of x (float32: one row) with x, weight
     and bias of one dtype and no autograd recording: the Triton GEMV kernels, which read the weight
-    faster than cuBLAS's GEMV. Everything else: `F.linear` (cuBLAS on CUDA).
+    faster than cuBLAS's GEMV and do the fusion in place. Everything else: `F.linear` (cuBLAS on
+    CUDA) with the fusion as PyTorch ops (`fused_linear_ref`).
 
     Args:
-        x: [..., K] float32 / bfloat16 / float16.
+        x: [..., K] float32 / bfloat16 / float16 ([..., 2K] with silu_mul).
         weight: [N, K] in x's dtype (rows may be a view: only the K axis must be contiguous).
         bias: optional [N] in x's dtype.
+        norm, silu_mul, residual: as `int8_linear`.
     Returns:
         [..., N] in x's dtype.
     """
-    if not _dense_gemv_applies(x, weight, bias):
-        return F.linear(x, weight, bias)
-    out = _dense_linear_op(x.reshape(-1, x.shape[-1]), weight, bias)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    fusion = make_fusion(norm, silu_mul, residual)
+    if not _dense_gemv_applies(x, weight, bias, fusion):
+        return fused_linear_ref(lambda t: F.linear(t, weight, bias), x, fusion)
+    return _call_op(DENSE, _dense_linear_op, x, weight.shape[0], (weight, bias), fusion)

@@ -1,6 +1,6 @@
 """Weight-only quantization as a model transform: swap Linear modules for quantized ones in place.
 
-The transform finds the model's `nn.Linear` modules by type and name (every per-layer projection;
+The transform finds the model's `nn.Linear` modules (FusedLinear included) by type and name (every per-layer projection;
 the output head only when asked), replaces each with a `QuantizedLinear` of the chosen scheme and
 drops the float weight as it goes, so memory peaks at about one Linear over the quantized size.
 The model itself never learns what it holds: quantized modules are ordinary submodules with a
@@ -52,7 +52,7 @@ def scheme_options(mode: str, group_size: int) -> dict[str, Any]:
 def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
     """Names of the float `nn.Linear` modules the transform would quantize, in model order."""
     return [name for name, module in model.named_modules()
-            if type(module) is nn.Linear and (include_head or name != HEAD)]
+            if isinstance(module, nn.Linear) and (include_head or name != HEAD)]
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
@@ -197,7 +197,7 @@ def prepare_for_quantized_load(model: nn.Module, specs: dict[str, dict[str, Any]
             linear = model.get_submodule(name)
         except AttributeError:
             linear = None
-        if type(linear) is not nn.Linear:
+        if not isinstance(linear, nn.Linear):
             raise ValueError(f"quantized module {name!r} is not a Linear layer of this model")
         options = dict(spec)
         scheme = options.pop("scheme", None)

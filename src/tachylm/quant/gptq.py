@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from tachylm.kernels.quant_matmul import linear_input_ref, make_fusion
 from tachylm.quant import HEAD, head_weight, set_module
 from tachylm.quant.schemes import Int4Linear, check_group_size, int4_codes, int4_group_params, pack_int4
 
@@ -64,7 +65,7 @@ class _Captured(Exception):
 
 def input_hessian(linear: nn.Module, run: Callable[[], None], in_features: int,
                   device: torch.device) -> torch.Tensor:
-    """H = 2 X^T X / n over the inputs X that `linear` receives while `run()` executes.
+    """H = 2 X^T X / n over the inputs X that `linear` multiplies while `run()` executes.
 
     `run` is called once per batch by the caller's loop; the forward stops at `linear`.
 
@@ -74,14 +75,16 @@ def input_hessian(linear: nn.Module, run: Callable[[], None], in_features: int,
     hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
     rows = 0
 
-    def hook(module, args):
+    def hook(module, args, kwargs):
         nonlocal rows
-        x = args[0].reshape(-1, in_features).to(device=device, dtype=torch.float32)
+        # What the layer multiplies: its input after any fused prologue (RMSNorm, SiLU-multiply).
+        x = linear_input_ref(args[0], make_fusion(kwargs.get("norm"), kwargs.get("silu_mul", False)))
+        x = x.reshape(-1, in_features).to(device=device, dtype=torch.float32)
         hessian.addmm_(x.T, x)
         rows += x.shape[0]
         raise _Captured
 
-    handle = linear.register_forward_pre_hook(hook)
+    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         run()
     finally:
@@ -167,7 +170,7 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
 
 
 def _block_linears(block: nn.Module) -> list[str]:
-    return [name for name, module in block.named_modules() if type(module) is nn.Linear]
+    return [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
 
 
 @torch.no_grad()

@@ -46,7 +46,9 @@ class QuantizedLinear(nn.Module):
     """Base of the weight-only quantized Linear modules.
 
     Subclasses register their quantized tensors as buffers and implement the classmethods
-    `from_float` and `empty`, plus `forward`, `dequantize`, `shard` and `spec`.
+    `from_float` and `empty`, plus `forward`, `dequantize`, `shard` and `spec`. `forward(x,
+    norm=..., silu_mul=..., residual=...)` takes the fusions of `tachylm.kernels.FusedLinear`
+    (the model calls every Linear that way) and passes them to the kernel dispatch.
 
     Attributes:
         in_features, out_features: the shape of the Linear it replaces (K and N).
@@ -284,8 +286,8 @@ class Int8Linear(_RowwiseLinear):
     def _round_trip(scaled, scratch):
         return scaled.round_().clamp_(-127, 127)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
+    def forward(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
+        return kernels.int8_linear(x, self.qweight, self.scale, self.bias, **fusion)
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,8 +380,8 @@ class Fp8Linear(_RowwiseLinear):
         check_fp8_device(self.qweight.device)
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.fp8_linear(x, self.qweight, self.scale, self.bias)
+    def forward(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
+        return kernels.fp8_linear(x, self.qweight, self.scale, self.bias, **fusion)
 
 
 def check_group_size(in_features: int, group_size: int, name: str | None = None) -> None:
@@ -463,8 +465,9 @@ class Int4Linear(QuantizedLinear):
                    torch.empty(out_features, groups, dtype=torch.float32, device=device), group_size,
                    torch.empty(out_features, device=device) if bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias)
+    def forward(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
+        return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias,
+                                   **fusion)
 
     def dequantize(self):
         codes = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
