@@ -8,6 +8,12 @@ Parameter names are the canonical checkpoint names (checkpoints/__init__.py) exc
 matrices: `attn.qkv_proj` = [q_proj; k_proj; v_proj] and `mlp.gate_up_proj` = [gate_proj; up_proj]
 stacked along the output dimension (build.py does the stacking).
 
+Every projection is a `FusedLinear` (or a quantized Linear after build.py's swap) and is called
+with the element-wise steps around it as keywords: the RMSNorm before qkv, gate_up and the head
+(`norm=`), SiLU(gate) * up before down (`silu_mul=True`) and the residual adds after o and down
+(`residual=`). On the CPU these are the usual PyTorch ops; on a GPU the decode kernels do them
+while they read the weights (kernels/quant_matmul.py), so a layer costs six kernels.
+
 Differences between families are flags on `ModelConfig`: grouped-query attention
 (n_kv_heads < n_heads), q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings
 (Llama 3.2, SmolLM2), Llama 3.1 rotary scaling.
