@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tachylm.kernels import quant_matmul as qm
-from tachylm.kernels.linear import FastLinear, use_fast_linears
+from tachylm.kernels.linear import FastLinear, FusedLinear, use_fast_linears
 from triton_interpreter import patch_interpreter, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -306,6 +306,18 @@ def test_fast_linear_is_an_nn_linear(bias):
     x = torch.randn(2, 3, 40)
     assert torch.equal(fast(x), plain(x))
     assert isinstance(fast, nn.Linear) and fast.extra_repr() == plain.extra_repr()
+    # The fusions: FusedLinear (PyTorch ops) and FastLinear (dense_linear) agree, and both are
+    # residual + linear(prologue(x)).
+    fused = FusedLinear(40, 24, bias=bias)
+    fused.load_state_dict(plain.state_dict())
+    g, residual = torch.rand(40) + 0.5, torch.randn(2, 3, 24)
+    normed = g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    for layer in (fused, fast):
+        out = layer(x, norm=(g, 1e-5), residual=residual)
+        assert torch.allclose(out, residual + plain(normed), atol=1e-6)
+        gate_up = torch.randn(2, 3, 80)
+        assert torch.allclose(layer(gate_up, silu_mul=True),
+                              plain(F.silu(gate_up[..., :40]) * gate_up[..., 40:]), atol=1e-6)
 
 
 def test_use_fast_linears_shares_parameters_and_keeps_ties():

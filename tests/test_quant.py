@@ -678,3 +678,47 @@ def test_cli_errors(smollm_path, tmp_path):
     with pytest.raises(ValueError, match=r"in_features 576 is not a multiple of the int4 group size 128.*32 or 64"):
         _quant_cli(["quantize", smollm_path, "--mode", "int4", "-o", str(tmp_path), "--device", "cpu",
                     "--no-eval"])
+
+
+# -- fusions (the keywords every Linear of the model takes) ---------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "int4"])
+def test_quantized_forward_takes_the_fusions(scheme):
+    torch.manual_seed(0)
+    w, k = torch.randn(24, 64) * 0.1, 64
+    module = SCHEMES[scheme].from_float(w, **({"group_size": 32} if scheme == "int4" else {}))
+    x, residual = torch.randn(3, k), torch.randn(3, 24)
+    g = torch.rand(k) + 0.5
+    normed = g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.allclose(module(x, norm=(g, 1e-5), residual=residual), residual + module(normed),
+                          atol=1e-5)
+    gate_up = torch.randn(3, 2 * k)
+    mixed = torch.nn.functional.silu(gate_up[:, :k]) * gate_up[:, k:]
+    assert torch.allclose(module(gate_up, silu_mul=True), module(mixed), atol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        module(x, residual=torch.randn(3, 25))
+    with pytest.raises(ValueError, match="norm weight"):
+        module(x, norm=(torch.ones(k + 1), 1e-5))
+
+
+def test_gptq_calibrates_on_what_the_layer_multiplies():
+    # The model hands each projection its un-normed input plus norm=...; GPTQ's Hessian must be
+    # built from the normed input the weights actually see.
+    from tachylm.kernels.linear import FusedLinear
+    from tachylm.quant import gptq
+
+    torch.manual_seed(0)
+    layer = FusedLinear(16, 8, bias=False)
+    x = torch.randn(5, 16) * 3
+    g = torch.rand(16) + 0.5
+
+    def run():
+        try:
+            layer(x, norm=(g, 1e-6))
+        except gptq._Captured:  # the hook stops the forward once it has the input
+            pass
+
+    hessian = gptq.input_hessian(layer, run, 16, torch.device("cpu"))
+    normed = g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(hessian, 2 * normed.T @ normed / 5, rtol=1e-5, atol=1e-6)
