@@ -14,6 +14,13 @@ This file owns the numerics of `y = x @ w.T + bias` for the three quantized weig
   elsewhere. `dense_linear` has `F.linear`'s contract and takes the Triton GEMV kernels only where
   they apply (CUDA, x and weight of one dtype, few rows, no autograd); `F.linear` otherwise.
 
+Every dispatcher also takes the element-wise steps of a decoder layer around the product
+(`Fusion`): `norm=(weight, eps)` (RMSNorm of x first), `silu_mul=True` (x = [gate | up], multiply
+SiLU(gate) * up first) and `residual=` (added to the result). The one-row kernel does all three;
+the tensor-core kernel does the residual and leaves the prologue to PyTorch ops before it (inside
+it cost int4 decode 7%; the kernel still supports it and the tests cover it); the cuBLAS paths do
+them as PyTorch ops (`fused_linear_ref`), where torch.compile fuses them with their neighbours.
+
 Canonical layouts (the kernels read them as they are; there is no repacking step):
 
     int8  qweight int8 [N, K]; scale float [N]             w = q * scale[n]
