@@ -320,6 +320,19 @@ def test_fast_linear_is_an_nn_linear(bias):
                               plain(F.silu(gate_up[..., :40]) * gate_up[..., 40:]), atol=1e-6)
 
 
+def test_dense_fusions_refuse_what_does_not_fit():
+    # A residual of the wrong shape would broadcast silently; a clear error names it instead.
+    layer = FusedLinear(40, 24)
+    x = torch.randn(3, 40)
+    for call in (layer, lambda t, **kw: qm.dense_linear(t, layer.weight, layer.bias, **kw)):
+        with pytest.raises(ValueError, match="residual"):
+            call(x, residual=torch.randn(1, 24))
+        with pytest.raises(ValueError, match="norm weight"):
+            call(x, norm=(torch.ones(24), 1e-5))
+        with pytest.raises(ValueError, match="cannot be fused"):
+            call(torch.randn(3, 80), norm=(torch.ones(40), 1e-5), silu_mul=True)
+
+
 def test_use_fast_linears_shares_parameters_and_keeps_ties():
     torch.manual_seed(0)
     model = TiedModel()

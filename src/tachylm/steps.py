@@ -92,7 +92,7 @@ class Steps:
         if self.backend != "inductor":
             return None
         # triton.cudagraphs is what mode="reduce-overhead" turns on; coordinate-descent tuning
-        # finds better launch parameters for the matrix-vector kernels of decode.
+        # only when asked (see the class docstring).
         return {"triton.cudagraphs": cudagraphs,
                 "coordinate_descent_tuning": self.tuning and self.device.type == "cuda"}
 

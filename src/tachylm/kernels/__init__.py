@@ -22,7 +22,6 @@ from tachylm.kernels.quant_matmul import (
 )
 
 
-
 def custom_ops() -> tuple:
     """The torch.library operators tachylm's kernels register (opaque to torch.compile)."""
     ops = torch.ops.tachylm

@@ -3,7 +3,7 @@
 A transformer layer's decode step is a few matrix-vector products with small element-wise steps
 between them (RMSNorm, SiLU(gate) * up, the residual adds). `FusedLinear` is an `nn.Linear` whose
 forward takes them as keywords, `forward(x, norm=(weight, eps), silu_mul=..., residual=...)`, and
-computes `residual + W @ prologue(x) + b` in PyTorch ops (`quant_matmul.fused_linear_ref`); the
+computes `residual + W @ prologue(x) + b` in PyTorch ops (`quant_matmul.dense_linear_ref`); the
 model builds every projection as one. `FastLinear` computes the same with `dense_linear`: on CUDA
 for decode-sized inputs the Triton GEMV kernels do the fusion while they read the weight, so each
 step costs no kernel of its own; elsewhere (CPU, prefill-sized inputs, float32 with several rows,
@@ -18,10 +18,9 @@ Parameters of an `nn.Linear` require grad, so the kernels run under `torch.infer
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tachylm.kernels.quant_matmul import dense_linear, fused_linear_ref, make_fusion
+from tachylm.kernels.quant_matmul import dense_linear, dense_linear_ref
 
 
 class FusedLinear(nn.Linear):
@@ -39,8 +38,8 @@ class FusedLinear(nn.Linear):
         Returns:
             [..., out_features].
         """
-        fusion = make_fusion(norm, silu_mul, residual)
-        return fused_linear_ref(lambda t: F.linear(t, self.weight, self.bias), x, fusion)
+        return dense_linear_ref(x, self.weight, self.bias, norm=norm, silu_mul=silu_mul,
+                                residual=residual)
 
 
 class FastLinear(FusedLinear):

@@ -217,6 +217,10 @@ def fused_linear_ref(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
     return y if fusion.residual is None else fusion.residual + y
 
 
+def _is_fused(fusion: Fusion) -> bool:
+    return fusion.norm_weight is not None or fusion.silu_mul or fusion.residual is not None
+
+
 def _check_fusion(name: str, x: torch.Tensor, k: int, n: int, fusion: Fusion) -> int:
     """Check a fusion against a weight [N, K]; return the width x must have (2K with silu_mul)."""
     if fusion.silu_mul and fusion.norm_weight is not None:
@@ -361,16 +365,27 @@ def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return _linear_in_dtype(x, dequantize_fp8(qweight, scale), bias)
 
 
-def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference y = x @ weight.T + bias: `F.linear` itself (cuBLAS on CUDA), with its contract.
+def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     *, norm: Optional[tuple] = None, silu_mul: bool = False,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference y = residual + prologue(x) @ weight.T + bias: `F.linear` itself (cuBLAS on CUDA),
+    with its contract, and the fusion (`Fusion`) as PyTorch ops around it.
 
     Args:
-        x: [..., K]; weight: [N, K] and bias: optional [N], both in x's dtype.
+        x: [..., K] ([..., 2K] with silu_mul); weight: [N, K] and bias: optional [N], both in x's
+            dtype.
+        norm, silu_mul, residual: as `int8_linear`.
     Returns:
         [..., N] in x's dtype.
+    Raises:
+        ValueError: a norm weight or residual that does not fit the weight and x.
     """
-    return F.linear(x, weight, bias)
+    fusion = make_fusion(norm, silu_mul, residual)
+    if not _is_fused(fusion):
+        return F.linear(x, weight, bias)
+    if weight.dim() == 2:  # other shapes: F.linear raises its own error
+        _check_fusion("dense_linear", x, weight.shape[1], weight.shape[0], fusion)
+    return fused_linear_ref(lambda t: F.linear(t, weight, bias), x, fusion)
 
 
 def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -1185,7 +1200,8 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
 # Custom ops (opaque to torch.compile) and the public dispatchers
 # ----------------------------------------------------------------------------------------------
 
-_FUSION_SCHEMA = "Tensor? norm_weight=None, float eps=0.0, bool silu_mul=False, Tensor? residual=None"
+_FUSION_SCHEMA = ("Tensor? norm_weight=None, float eps=0.0, bool silu_mul=False, "
+                  "Tensor? residual=None")
 
 
 def _rowwise_op(name: str, scheme: int):
@@ -1230,10 +1246,6 @@ for _op in (_int8_linear_op, _fp8_linear_op, _int4_linear_op, _dense_linear_op):
 
 def _use_triton(x: torch.Tensor) -> bool:
     return HAS_TRITON and x.is_cuda
-
-
-def _is_fused(fusion: Fusion) -> bool:
-    return fusion.norm_weight is not None or fusion.silu_mul or fusion.residual is not None
 
 
 def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
@@ -1350,8 +1362,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     On CUDA (with Triton), for up to DENSE_GEMV_MAX_M rows of x (float32: one row) with x, weight
     and bias of one dtype and no autograd recording: the Triton GEMV kernels, which read the weight
-    faster than cuBLAS's GEMV and do the fusion in place. Everything else: `F.linear` (cuBLAS on
-    CUDA) with the fusion as PyTorch ops (`fused_linear_ref`).
+    faster than cuBLAS's GEMV and do the fusion in place. Everything else: `dense_linear_ref`
+    (`F.linear`, cuBLAS on CUDA, with the fusion as PyTorch ops).
 
     Args:
         x: [..., K] float32 / bfloat16 / float16 ([..., 2K] with silu_mul).
@@ -1362,6 +1374,6 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         [..., N] in x's dtype.
     """
     fusion = make_fusion(norm, silu_mul, residual)
-    if not _dense_gemv_applies(x, weight, bias, fusion):
-        return fused_linear_ref(lambda t: F.linear(t, weight, bias), x, fusion)
+    if not _dense_gemv_applies(x, weight, bias, fusion):  # bad fusions raise in the reference
+        return dense_linear_ref(x, weight, bias, norm=norm, silu_mul=silu_mul, residual=residual)
     return _call_op(DENSE, _dense_linear_op, x, weight.shape[0], (weight, bias), fusion)

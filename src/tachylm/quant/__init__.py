@@ -1,10 +1,10 @@
 """Weight-only quantization as a model transform: swap Linear modules for quantized ones in place.
 
-The transform finds the model's `nn.Linear` modules (FusedLinear included) by type and name (every per-layer projection;
-the output head only when asked), replaces each with a `QuantizedLinear` of the chosen scheme and
-drops the float weight as it goes, so memory peaks at about one Linear over the quantized size.
-The model itself never learns what it holds: quantized modules are ordinary submodules with a
-`forward`.
+The transform finds the model's `nn.Linear` modules (`FusedLinear` included) by type and name
+(every per-layer projection; the output head only when asked), replaces each with a
+`QuantizedLinear` of the chosen scheme and drops the float weight as it goes, so memory peaks at
+about one Linear over the quantized size. The model itself never learns what it holds: quantized
+modules are ordinary submodules with a `forward`.
 
 Modes (what `--quant` / `--mode` accept):
     int8       per-output-channel symmetric int8, round-to-nearest
