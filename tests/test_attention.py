@@ -80,6 +80,23 @@ def test_stale_slots_past_the_position_are_ignored():
     assert torch.equal(decode_attention(q, k2, v2, pos), out)
 
 
+def test_reference_writes_this_steps_key_and_value():
+    q, k, v, pos = inputs("refwrite", 2, 8, 2, 40, 32, torch.float32, [17, 3])
+    cos, sin = rotary("refwrite", 2, 32)
+    new_k, new_v, stored_k, stored_v = new_entries("refwrite", k, cos, sin)
+    want_k, want_v = k.clone(), v.clone()
+    rows = torch.arange(2)
+    want_k[rows, :, pos], want_v[rows, :, pos] = stored_k, stored_v
+    want = oracle(q, want_k, want_v, pos, cos, sin)
+    out = decode_attention(q, k, v, pos, cos, sin, new_k, new_v)
+    assert rel_err(out, want) < 1e-5
+    assert rel_err(k, want_k.double()) < 1e-6 and torch.equal(v, want_v)
+    # attending over a prefix of the cache (eager steps) changes nothing
+    k[:, :, 20:], v[:, :, 20:] = 7.0, -7.0
+    out = decode_attention(q, k, v, pos, cos, sin, new_k, new_v, kv_limit=20)
+    assert rel_err(out, want) < 1e-5
+
+
 def test_bad_shapes_raise_clear_errors():
     q, k, v, pos = inputs("bad", 2, 6, 4, 8, 16, torch.float32, [1, 2])
     with pytest.raises(ValueError, match="multiple of KVH"):
@@ -92,6 +109,11 @@ def test_bad_shapes_raise_clear_errors():
         decode_attention(q, k, v, pos, cos, None)
     with pytest.raises(ValueError, match="cos must be float32"):
         decode_attention(q, k, v, pos, cos.double(), sin)
+    new = torch.zeros(2, 2, 16)
+    with pytest.raises(ValueError, match="both new_k and new_v"):
+        decode_attention(q, k, v, pos, new_k=new)
+    with pytest.raises(ValueError, match=r"new_v must be \[B, KVH, D\] = \[2, 2, 16\]"):
+        decode_attention(q, k, v, pos, new_k=new, new_v=new[:, :1])
 
 
 def test_kernel_refuses_inputs_it_cannot_take():
@@ -118,16 +140,34 @@ def test_splits_cover_the_gpu_but_not_past_the_cache():
 # The Triton kernel under the interpreter (a child process: the switch precedes importing triton)
 # ----------------------------------------------------------------------------------------------
 
-# name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits, rotate q)
+# name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits, rotate q, min_slice, write)
 CASES = {
-    "mha-fp32-split4": (1, 4, 4, 130, 32, "fp32", [129], 4, False),
-    "gqa-bf16-ragged": (2, 8, 2, 200, 32, "bf16", [0, 136], 4, False),
-    "gqa-fp16-empty-slices": (3, 6, 3, 64, 32, "fp16", [63, 4, 32], 8, False),
-    "group12-fp32-split8": (2, 12, 1, 300, 64, "fp32", [298, 6], 8, False),
-    "one-split": (1, 4, 2, 100, 32, "fp32", [99], 1, False),
-    "rope-fp32": (2, 8, 2, 150, 64, "fp32", [149, 3], 4, True),
-    "rope-bf16": (1, 32, 8, 256, 128, "bf16", [204], 4, True),
+    "mha-fp32-split4": (1, 4, 4, 130, 32, "fp32", [129], 4, False, 64, False),
+    "gqa-bf16-ragged": (2, 8, 2, 200, 32, "bf16", [0, 136], 4, False, 64, False),
+    "gqa-fp16-empty-slices": (3, 6, 3, 64, 32, "fp16", [63, 4, 32], 8, False, 1, False),
+    "group12-fp32-split8": (2, 12, 1, 300, 64, "fp32", [298, 6], 8, False, 64, False),
+    "one-split": (1, 4, 2, 100, 32, "fp32", [99], 1, False, 64, False),
+    "rope-fp32": (2, 8, 2, 150, 64, "fp32", [149, 3], 4, True, 64, False),
+    "rope-bf16": (1, 32, 8, 256, 128, "bf16", [204], 4, True, 64, False),
+    # the default shortest slice: one program per head up to 256 slots, two past it
+    "default-slices": (2, 8, 2, 300, 32, "fp32", [255, 256], 4, True, None, False),
+    # this step's key and value written by the kernel (and used for their slot)
+    "write-rope-fp32-merge": (2, 8, 2, 200, 64, "fp32", [130, 7], 4, True, 64, True),
+    "write-rope-bf16-one-program": (2, 8, 2, 200, 64, "bf16", [199, 0], 4, True, None, True),
+    "write-fp16-no-rope": (1, 4, 4, 96, 32, "fp16", [70], 2, False, 32, True),
 }
+
+
+def new_entries(name, k, cos, sin):
+    """This step's key and value [B, KVH, D] (float32, as the model's projections may give them)
+    and the cache the kernel should leave: k and v with slot input_pos holding them (the key
+    rotated in float64, both rounded to the cache's dtype)."""
+    batch, kv_heads, _, head_dim = k.shape
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 2)
+    new_k = torch.randn(batch, kv_heads, head_dim, generator=gen)
+    new_v = torch.randn(batch, kv_heads, head_dim, generator=gen)
+    stored_k = new_k if cos is None else rotate(new_k, cos, sin)
+    return new_k, new_v, stored_k.to(k.dtype), new_v.to(k.dtype)
 
 
 def _interpreter_child():
@@ -136,14 +176,27 @@ def _interpreter_child():
     from tachylm.kernels.attention import decode_attention_triton
 
     results = {}
-    for name, (batch, heads, kv_heads, slots, head_dim, dtype, pos, splits, rope) in CASES.items():
+    for name, case in CASES.items():
+        batch, heads, kv_heads, slots, head_dim, dtype, pos, splits, rope, min_slice, write = case
         q, k, v, input_pos = inputs(name, batch, heads, kv_heads, slots, head_dim, DTYPES[dtype], pos)
         cos, sin = rotary(name, batch, head_dim) if rope else (None, None)
+        new_k = new_v = None
+        if write:
+            new_k, new_v, stored_k, stored_v = new_entries(name, k, cos, sin)
+            rows = torch.arange(batch)
+            want_k, want_v = k.clone(), v.clone()
+            want_k[rows, :, input_pos], want_v[rows, :, input_pos] = stored_k, stored_v
+            k[rows, :, input_pos] = v[rows, :, input_pos] = torch.tensor(1e4, dtype=k.dtype)
         try:
-            out = decode_attention_triton(q, k, v, input_pos, cos, sin, splits=splits)
-            results[name] = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
-                             "dtype": str(out.dtype), "shape": list(out.shape),
-                             "counters": int(qm.split_counters(q.device).abs().sum())}
+            out = decode_attention_triton(q, k, v, input_pos, cos, sin, new_k, new_v,
+                                          splits=splits, min_slice=min_slice)
+            result = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
+                      "dtype": str(out.dtype), "shape": list(out.shape),
+                      "counters": int(qm.split_counters(q.device).abs().sum())}
+            if write:
+                # the new entries may differ from the float64 rotation by one rounding
+                result["cache_err"] = max(rel_err(k, want_k.double()), rel_err(v, want_v.double()))
+            results[name] = result
         except Exception as e:  # reported to the parent test
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(results))
@@ -163,6 +216,8 @@ def test_triton_kernel_interpreted(interpreted, name):
     assert result["dtype"] == str(DTYPES[dtype])
     assert result["rel"] < {"fp32": 1e-5, "bf16": 2e-2, "fp16": 3e-3}[dtype]
     assert result["counters"] == 0  # every launch leaves its arrival counters at zero
+    if CASES[name][-1]:  # the kernel wrote this step's key and value into the cache
+        assert result["cache_err"] < {"fp32": 1e-6, "bf16": 1e-2, "fp16": 1e-3}[dtype]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +240,46 @@ def test_cuda_kernel_matches_reference(dtype):
     out = decode_attention(q, k, v, pos, cos, sin)
     want = oracle(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), cos.cpu(), sin.cpu())
     assert rel_err(out.cpu(), want) < tolerance
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cuda_kernel_writes_the_cache(dtype):
+    """With new_k/new_v the kernel stores them (the key rotated) and attends with them, never with
+    what the slot held before; short rows take one program per head, long ones merge slices."""
+    q, k, v, pos = inputs("cw" + dtype, 3, 32, 8, 4096, 128, DTYPES[dtype], [3, 700, 4095])
+    cos, sin = rotary("cw" + dtype, 3, 128)
+    new_k, new_v, stored_k, stored_v = new_entries("cw" + dtype, k, cos, sin)
+    rows = torch.arange(3)
+    want_k, want_v = k.clone(), v.clone()
+    want_k[rows, :, pos], want_v[rows, :, pos] = stored_k, stored_v
+    want = oracle(q, want_k, want_v, pos, cos, sin)
+    k[rows, :, pos] = v[rows, :, pos] = torch.tensor(1e4, dtype=k.dtype)  # stale garbage
+    q, k, v, pos, cos, sin, new_k, new_v = (t.cuda() for t in (q, k, v, pos, cos, sin, new_k,
+                                                                 new_v))
+    out = decode_attention(q, k, v, pos, cos, sin, new_k, new_v)
+    tolerance = {"fp32": 1e-5, "bf16": 2e-2}[dtype]
+    assert rel_err(out.cpu(), want) < tolerance
+    cache_tolerance = {"fp32": 1e-6, "bf16": 1e-2}[dtype]
+    assert rel_err(k.cpu(), want_k.double()) < cache_tolerance
+    assert rel_err(v.cpu(), want_v.double()) < cache_tolerance
+
+
+@cuda
+def test_compiled_cache_write_is_in_place():
+    """Inductor runs the writing op on the cache buffers themselves: no copy of the cache."""
+    from torch._inductor.utils import run_and_get_code
+
+    q, k, v, pos = inputs("inplace", 1, 32, 8, 4096, 128, torch.bfloat16, [9])
+    cos, sin = rotary("inplace", 1, 128)
+    new_k, new_v, stored_k, _ = new_entries("inplace", k, cos, sin)
+    q, k, v, pos, cos, sin, new_k, new_v = (t.cuda() for t in (q, k, v, pos, cos, sin, new_k,
+                                                                 new_v))
+    step = torch.compile(decode_attention, fullgraph=True)
+    _, code = run_and_get_code(step, q, k, v, pos, cos, sin, new_k, new_v)
+    assert "decode_attention_write" in "".join(code)
+    assert "empty_strided_cuda((1, 8, 4096, 128)" not in "".join(code)  # no copy of the cache
+    assert rel_err(k[:, :, 9].cpu(), stored_k.double()) < 1e-2
 
 
 @cuda

@@ -58,6 +58,11 @@ class KVCache:
         for t in self.k + self.v:
             t.zero_()
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (keys, values) buffers, for a kernel that writes its new entries itself
+        (decode attention); each [B, n_kv_heads, max_seq_len, head_dim]."""
+        return self.k[layer], self.v[layer]
+
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values and return the layer's whole buffers.

@@ -103,15 +103,18 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None and seq == 1:
+            # Decode: one kernel rotates q and k, writes k and v into the cache and attends over
+            # its filled part.
+            k_layer, v_layer = cache.layer(layer)
+            out = decode_attention(q[:, :, 0], k_layer, v_layer, input_pos[:, 0], cos[:, 0, 0],
+                                   sin[:, 0, 0], k[:, :, 0], v[:, :, 0], kv_limit)
+            return self.o_proj(out.reshape(batch, 1, self.q_size), residual=x)  # out: [B, H, D]
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, input_pos, k, v)
             if kv_limit is not None:  # attend over the filled slots only
                 k, v = k[:, :, :kv_limit], v[:, :, :kv_limit]
-            if seq == 1:
-                # Decode: one kernel rotates q and attends over the filled part of the cache.
-                out = decode_attention(q[:, :, 0], k, v, input_pos[:, 0], cos[:, 0, 0], sin[:, 0, 0])
-                return self.o_proj(out.reshape(batch, 1, self.q_size), residual=x)  # out: [B, H, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
         q = apply_rotary(q, cos, sin)
         if mask is None:

@@ -26,7 +26,8 @@ def custom_ops() -> tuple:
     """The torch.library operators tachylm's kernels register (opaque to torch.compile)."""
     ops = torch.ops.tachylm
     return (ops.dense_linear.default, ops.int8_linear.default, ops.fp8_linear.default,
-            ops.int4_linear.default, ops.decode_attention.default)
+            ops.int4_linear.default, ops.decode_attention.default,
+            ops.decode_attention_write.default)
 
 
 __all__ = [

@@ -8,21 +8,26 @@ are a device tensor (no host sync, valid under CUDA graphs):
 * `decode_attention_ref`: masked SDPA over the whole cache. The CPU path and the oracle.
 * `_decode_attn_kernel` (Triton, CUDA): split-KV ("flash decoding"). Grid (B * KVH, SPLITS):
   each program takes one kv head, all the query heads that share it (grouped-query attention reads
-  each kv head once) and one of SPLITS equal slices of that row's filled length, computed on the
-  device, so the work spreads over the GPU whatever the length. It keeps an online softmax in
-  float32 and stores a normalised partial output and its log-sum-exp. The last program of a head
-  to arrive (an atomic on a self-resetting counter, as the GEMV kernels' split-K) merges the
-  partials in a fixed order: one launch, deterministic results.
+  each kv head once) and one of up to SPLITS equal slices of that row's filled length, computed on
+  the device, so the work spreads over the GPU whatever the length (slices of at least
+  `_MIN_SLICE` slots: a short row is one program per head, which writes its output directly). It
+  keeps an online softmax in float32 and stores a normalised partial output and its log-sum-exp.
+  The last program of a head to arrive (an atomic on a self-resetting counter, as the GEMV
+  kernels' split-K) merges the partials in a fixed order: one launch, deterministic results.
 
-The kernel can also rotate q (rotary embedding, Hugging Face's half-split order) as it loads it,
-which saves the step a separate kernel per layer: pass the rotary cos/sin of each row's position.
+The kernel also does the steps around attention that would otherwise be kernels of their own in
+every layer: it rotates q (rotary embedding, Hugging Face's half-split order; pass the cos/sin of
+each row's position) and, given this step's key and value (`new_k`, `new_v`), rotates the key and
+writes both into the cache at the row's position (every program uses them for that slot, so no
+program reads the slot while it is written).
 
 Layouts: q [B, H, D]; k, v [B, KVH, S, D] (the cache's layer views; the D axis contiguous);
 input_pos [B] integer, the position of each row's query, 0 <= input_pos[b] < S (it attends
 to slots 0..input_pos[b]); out [B, H, D] in q's dtype. H is a multiple of KVH
 and the query heads h of kv head j are j * (H / KVH) ... (j + 1) * (H / KVH) - 1, as in
 `model.grouped_attention`. The softmax scale is 1 / sqrt(D) (SDPA's default). cos, sin
-[B, D / 2] float32 (optional): q is rotated by `apply_rotary` first.
+[B, D / 2] float32 (optional): q is rotated by `apply_rotary` first. new_k, new_v [B, KVH, D]
+(optional, any of the attention dtypes, D contiguous): stored in k and v's dtype.
 """
 
 import contextlib
@@ -42,10 +47,14 @@ if HAS_TRITON:
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 64  # cache slots per tile: [64, D] keys and values per step
 _MAX_SPLITS = 64
+# Shortest slice a program takes: up to _MIN_SLICE filled slots a head is one program that writes
+# its output itself (no partials, no merge); 16k slots still spread over 64 slices.
+_MIN_SLICE = 256
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> None:
+           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+           new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None) -> None:
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"decode_attention: expected q [B, H, D] and k, v [B, KVH, S, D], got "
                          f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
@@ -62,6 +71,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.T
         if t is not None and (tuple(t.shape) != (batch, head_dim // 2) or t.dtype != torch.float32):
             raise ValueError(f"decode_attention: {name} must be float32 [{batch}, {head_dim // 2}], "
                              f"got {t.dtype} {list(t.shape)}")
+    if (new_k is None) != (new_v is None):
+        raise ValueError("decode_attention: give both new_k and new_v, or neither")
+    want = (batch, k.shape[1], head_dim)
+    for name, t in (("new_k", new_k), ("new_v", new_v)):
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"decode_attention: {name} must be [B, KVH, D] = {list(want)}, got "
+                             f"{list(t.shape)}")
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -80,16 +96,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          input_pos: torch.Tensor, cos: torch.Tensor | None = None,
-                         sin: torch.Tensor | None = None) -> torch.Tensor:
+                         sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
+                         new_v: torch.Tensor | None = None, kv_limit: int | None = None
+                         ) -> torch.Tensor:
     """Attention of one query per row over cache slots 0..input_pos[b]; see the module docstring.
 
     Args:
         q: [B, H, D]; k, v: [B, KVH, S, D]; input_pos: [B] integer, each in 0..S-1.
-        cos, sin: optional [B, D / 2] float32: rotate q first.
+        cos, sin: optional [B, D / 2] float32: rotate q (and new_k) first.
+        new_k, new_v: optional [B, KVH, D]: this step's key (rotated here like q) and value,
+            written into k and v at slot input_pos[b] before attending.
+        kv_limit: attend over slots [0, kv_limit) only (every input_pos below it): a shorter read
+            of a long cache for eager steps.
     Returns:
         [B, H, D] in q's dtype.
     """
-    _check(q, k, v, input_pos, cos, sin)
+    _check(q, k, v, input_pos, cos, sin, new_k, new_v)
+    if new_k is not None:
+        if cos is not None:
+            new_k = apply_rotary(new_k, cos[:, None], sin[:, None])
+        rows = torch.arange(q.shape[0], device=q.device)
+        # advanced indices around a slice: the target is [B, KVH, D], as new_k
+        k[rows, :, input_pos] = new_k.to(k.dtype)
+        v[rows, :, input_pos] = new_v.to(v.dtype)
+    if kv_limit is not None:
+        k, v = k[:, :, :kv_limit], v[:, :, :kv_limit]
     if cos is not None:
         q = apply_rotary(q, cos[:, None], sin[:, None])
     batch, n_heads, head_dim = q.shape
@@ -114,13 +145,23 @@ if HAS_TRITON:
             return tl.dot(a, b)
 
     @triton.jit
+    def _rotate(x1, x2, cos, sin, DTYPE: tl.constexpr):
+        """Rotary pairs (x1, x2) by (cos, sin) in float32 (as apply_rotary), rounded to DTYPE."""
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        return (x1f * cos - x2f * sin).to(DTYPE), (x2f * cos + x1f * sin).to(DTYPE)
+
+    @triton.jit
     def _decode_attn_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, nk_ptr, nv_ptr, out_ptr, ws_ptr, lse_ptr,
+        cnt_ptr,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_nkb, stride_nkh, stride_nvb, stride_nvh,
         stride_ob, stride_oh, stride_pos, stride_cb, qk_scale,
         N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+        MIN_SLICE: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
+        WRITE: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_start(PDL)  # programmatic dependent launch: see quant_matmul.pdl_launch
         pid_h = tl.program_id(0)  # b * N_KV_HEADS + kv head
@@ -128,9 +169,16 @@ if HAS_TRITON:
         b = pid_h // N_KV_HEADS
         kvh = pid_h % N_KV_HEADS
         length = tl.load(pos_ptr + b * stride_pos).to(tl.int32) + 1
-        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S
+        # Slices in use for this length: at most SPLITS, none shorter than MIN_SLICE slots, so a
+        # short context is one program per head that writes its output directly (no partials, no
+        # merge); the other programs leave at once.
+        active = tl.minimum(SPLITS, tl.cdiv(length, MIN_SLICE))
+        per_split = tl.cdiv(tl.cdiv(length, active), BLOCK_S) * BLOCK_S
         start = pid_s * per_split
         end = tl.minimum(length, start + per_split)
+        if pid_s >= active:
+            pdl_release(PDL)
+            return
 
         HALF: tl.constexpr = HEAD_DIM // 2
         offs_g = tl.arange(0, BLOCK_G)
@@ -146,12 +194,27 @@ if HAS_TRITON:
         if ROPE:  # as apply_rotary: float32, then back to q's dtype
             cos_h = tl.load(cos_ptr + b * stride_cb + offs_h)[None, :]
             sin_h = tl.load(sin_ptr + b * stride_cb + offs_h)[None, :]
-            q1f = q1.to(tl.float32)
-            q2f = q2.to(tl.float32)
-            q1 = (q1f * cos_h - q2f * sin_h).to(q_ptr.dtype.element_ty)
-            q2 = (q2f * cos_h + q1f * sin_h).to(q_ptr.dtype.element_ty)
+            q1, q2 = _rotate(q1, q2, cos_h, sin_h, q_ptr.dtype.element_ty)
         k_base = k_ptr + b * stride_kb + kvh * stride_kh
         v_base = v_ptr + b * stride_vb + kvh * stride_vh
+        if WRITE:
+            # This step's key (rotated like q) and value, in the cache's dtype. The first program
+            # of the head stores them at slot length - 1; every program attends with these
+            # values at that slot (never with what it reads there while they are being written).
+            nk_row = nk_ptr + b * stride_nkb + kvh * stride_nkh
+            nk1 = tl.load(nk_row + offs_h)[None, :]
+            nk2 = tl.load(nk_row + HALF + offs_h)[None, :]
+            if ROPE:
+                nk1, nk2 = _rotate(nk1, nk2, cos_h, sin_h, k_ptr.dtype.element_ty)
+            else:
+                nk1, nk2 = nk1.to(k_ptr.dtype.element_ty), nk2.to(k_ptr.dtype.element_ty)
+            nv = tl.load(nv_ptr + b * stride_nvb + kvh * stride_nvh + offs_d)[None, :]
+            nv = nv.to(v_ptr.dtype.element_ty)
+            if pid_s == 0:
+                new_row = k_base + (length - 1) * stride_ks
+                tl.store(new_row + offs_h[None, :], nk1)
+                tl.store(new_row + HALF + offs_h[None, :], nk2)
+                tl.store(v_base + (length - 1) * stride_vs + offs_d[None, :], nv)
 
         m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running max (log2 units)
         l_i = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp2
@@ -164,6 +227,11 @@ if HAS_TRITON:
             k2 = tl.load(k_rows + HALF + offs_h[None, :], mask=s_ok[:, None], other=0.0)
             vt = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :], mask=s_ok[:, None],
                          other=0.0)
+            if WRITE:
+                is_new = (slots == length - 1)[:, None]
+                k1 = tl.where(is_new, nk1, k1)
+                k2 = tl.where(is_new, nk2, k2)
+                vt = tl.where(is_new, nv, vt)
             scores = (_dot(q1, tl.trans(k1), PRECISION)
                       + _dot(q2, tl.trans(k2), PRECISION)) * qk_scale  # [G, S]
             scores = tl.where(s_ok[None, :], scores, float("-inf"))
@@ -178,6 +246,10 @@ if HAS_TRITON:
         # Partial of this slice: normalised output and log2-sum-exp2 (-inf for an empty slice).
         has = l_i > 0
         part = acc / tl.where(has, l_i, 1.0)[:, None]
+        out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        if active == 1:
+            tl.store(out_ptrs, part.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            return
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         rows = pid_h * GROUP + offs_g  # = b * H + head
         ws_rows = (rows * SPLITS + pid_s)
@@ -187,15 +259,15 @@ if HAS_TRITON:
         # reads of the other slices after theirs.
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
+        if arrived == active - 1:
             lse_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-            for s in tl.static_range(SPLITS):
+            for s in range(0, active):
                 lse_max = tl.maximum(lse_max, tl.load(lse_ptr + rows * SPLITS + s, mask=g_ok,
                                                       other=float("-inf"), cache_modifier=".cg"))
             lse_max = tl.where(g_ok, lse_max, 0.0)
             total = tl.zeros((BLOCK_G,), tl.float32)
             merged = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
-            for s in tl.static_range(SPLITS):  # fixed order: deterministic
+            for s in range(0, active):  # fixed order: deterministic
                 w = tl.exp2(tl.load(lse_ptr + rows * SPLITS + s, mask=g_ok, other=float("-inf"),
                                     cache_modifier=".cg") - lse_max)
                 part_s = tl.load(ws_ptr + (rows * SPLITS + s)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -203,20 +275,24 @@ if HAS_TRITON:
                 merged += w[:, None] * part_s
                 total += w
             merged = merged / tl.where(g_ok, total, 1.0)[:, None]
-            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     merged.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
             tl.atomic_xchg(cnt_ptr + pid_h, 0, sem="relaxed", scope="gpu")
 
 
 def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cos: torch.Tensor | None, sin: torch.Tensor | None) -> str | None:
+                    cos: torch.Tensor | None, sin: torch.Tensor | None,
+                    new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
+                    ) -> str | None:
     """Why the kernel cannot take these (already shape-checked) inputs, or None if it can."""
     if not (q.dtype == k.dtype == v.dtype and q.dtype in ATTENTION_DTYPES):
         return f"q, k, v must share one of {ATTENTION_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if new_k is not None and not {new_k.dtype, new_v.dtype} <= set(ATTENTION_DTYPES):
+        return f"new_k and new_v must be one of {ATTENTION_DTYPES}, got {new_k.dtype}, {new_v.dtype}"
     head_dim = q.shape[-1]
     if head_dim < 32 or head_dim & (head_dim - 1):
         return f"head size {head_dim} must be a power of two >= 32"
-    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("new_k", new_k),
+                    ("new_v", new_v)):
         if t is not None and t.stride(-1) != 1:
             return f"{name} must be contiguous along D"
     if cos is not None and cos.stride() != sin.stride():
@@ -225,7 +301,8 @@ def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int) -> int:
-    """Slices per kv head: enough programs for two per SM, never more than tiles in the cache."""
+    """Most slices per kv head: enough programs for two per SM, never more than tiles in the
+    cache. The kernel uses fewer at short lengths (`_MIN_SLICE`)."""
     splits = 1
     tiles = -(-slots // _BLOCK_S)
     while batch * n_kv_heads * splits < 2 * sms and splits < _MAX_SPLITS and splits * 2 <= tiles:
@@ -241,14 +318,16 @@ def _sm_count(device: torch.device) -> int:
 
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             input_pos: torch.Tensor, cos: torch.Tensor | None = None,
-                            sin: torch.Tensor | None = None, splits: int | None = None
-                            ) -> torch.Tensor:
+                            sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
+                            new_v: torch.Tensor | None = None, splits: int | None = None,
+                            min_slice: int | None = None) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); arguments as the ref.
 
-    `splits` overrides `choose_splits` (tests). q, k and v must share one dtype.
+    `splits` overrides `choose_splits` and `min_slice` `_MIN_SLICE` (tests, benchmarks). q, k
+    and v must share one dtype. With new_k/new_v the kernel writes them into k and v.
     """
-    _check(q, k, v, input_pos, cos, sin)
-    refusal = _kernel_refusal(q, k, v, cos, sin)
+    _check(q, k, v, input_pos, cos, sin, new_k, new_v)
+    refusal = _kernel_refusal(q, k, v, cos, sin, new_k, new_v)
     if refusal is not None:
         raise ValueError(f"decode_attention_triton: {refusal}")
     batch, n_heads, head_dim = q.shape
@@ -261,16 +340,20 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((batch * n_heads * splits,), dtype=torch.float32, device=q.device)
     counters = split_counters(q.device, batch * n_kv_heads)
     qk_scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # natural exp -> exp2
+    write = new_k is not None
+    new_k, new_v = (new_k, new_v) if write else (q, q)  # placeholders, never read
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_attn_kernel[(batch * n_kv_heads, splits)](
-            q, k, v, input_pos, q if cos is None else cos, q if sin is None else sin, out, ws,
-            lse, counters,
+            q, k, v, input_pos, q if cos is None else cos, q if sin is None else sin, new_k, new_v,
+            out, ws, lse, counters,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+            v.stride(0), v.stride(1), v.stride(2), new_k.stride(0), new_k.stride(1),
+            new_v.stride(0), new_v.stride(1), out.stride(0), out.stride(1),
             input_pos.stride(0), 0 if cos is None else cos.stride(0), qk_scale,
             N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits,
-            PRECISION=q.dtype == torch.float32, ROPE=cos is not None,
+            MIN_SLICE=_MIN_SLICE if min_slice is None else min_slice,
+            PRECISION=q.dtype == torch.float32, ROPE=cos is not None, WRITE=write,
             num_warps=4, num_stages=2, **pdl_launch(q.device))
     return out
 
@@ -287,28 +370,44 @@ def _decode_attention_fake(q, k, v, input_pos, cos, sin):
     return torch.empty_like(q)
 
 
-def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cos: torch.Tensor | None, sin: torch.Tensor | None) -> bool:
-    return HAS_TRITON and q.is_cuda and _kernel_refusal(q, k, v, cos, sin) is None
+@torch.library.custom_op(
+    "tachylm::decode_attention_write", mutates_args=("k", "v"),
+    schema="(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor input_pos, Tensor? cos, Tensor? sin, "
+           "Tensor new_k, Tensor new_v) -> Tensor")
+def _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v):
+    return decode_attention_triton(q, k, v, input_pos, cos, sin, new_k, new_v)
+
+
+@_decode_attention_write_op.register_fake
+def _decode_attention_write_fake(q, k, v, input_pos, cos, sin, new_k, new_v):
+    return torch.empty_like(q)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      input_pos: torch.Tensor, cos: torch.Tensor | None = None,
-                     sin: torch.Tensor | None = None) -> torch.Tensor:
+                     sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
+                     new_v: torch.Tensor | None = None, kv_limit: int | None = None
+                     ) -> torch.Tensor:
     """Attention of one query per row over cache slots 0..input_pos[b] (q rotated first by
-    cos/sin when given).
+    cos/sin when given), optionally writing this step's key and value into the cache first.
 
-    The Triton split-KV kernel on CUDA (reads only the filled slots); `decode_attention_ref`
-    elsewhere or for layouts the kernel does not take. Works under torch.compile and CUDA graphs
-    (a custom op; the positions stay on the device).
+    The Triton split-KV kernel on CUDA (reads only the filled slots, and with new_k/new_v also
+    does the rotary embedding of the key and the cache write); `decode_attention_ref` elsewhere
+    or for layouts the kernel does not take. Works under torch.compile and CUDA graphs (custom
+    ops; the positions stay on the device).
 
     Args:
         q: [B, H, D]; k, v: [B, KVH, S, D] (a layer of the KV cache); input_pos: [B] integer.
         cos, sin: optional [B, D / 2] float32, the rotary table at each row's position.
+        new_k, new_v: optional [B, KVH, D], written at slot input_pos[b] (new_k rotated like q).
+        kv_limit: the reference path attends over slots [0, kv_limit) only (eager steps); the
+            kernel reads only the filled slots whatever it is.
     Returns:
         [B, H, D] in q's dtype.
     """
-    if not _kernel_applies(q, k, v, cos, sin):
-        return decode_attention_ref(q, k, v, input_pos, cos, sin)
-    _check(q, k, v, input_pos, cos, sin)
-    return _decode_attention_op(q, k, v, input_pos, cos, sin)
+    if not (HAS_TRITON and q.is_cuda and _kernel_refusal(q, k, v, cos, sin, new_k, new_v) is None):
+        return decode_attention_ref(q, k, v, input_pos, cos, sin, new_k, new_v, kv_limit)
+    _check(q, k, v, input_pos, cos, sin, new_k, new_v)
+    if new_k is None:
+        return _decode_attention_op(q, k, v, input_pos, cos, sin)
+    return _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v)
