@@ -5,6 +5,7 @@ holds the same values as per-row device tensors, so one compiled step serves eve
 `sample()` draws a token per row with an exponential race (argmax of p / Exp(1) samples from p),
 applies top-k, top-p and min-p by masks over a sorted candidate set, repetition penalty from a
 per-row "seen" mask, and greedy rows (temperature 0) by argmax, all as tensor operations.
+Over a large vocabulary the candidates come from a two-level top-k (`top_candidates`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import torch
 
 # Up to this many top-k candidates are ranked pairwise (a [B, k, k] comparison) instead of sorted.
 PAIRWISE_RANKS = 512
+# Chunk length of the two-level top-k (`top_candidates`), and how many times larger than
+# k * TOP_CHUNK the vocabulary must be for it to pay over a plain topk.
+TOP_CHUNK = 32
+TWO_LEVEL_MIN_RATIO = 8
 
 
 @dataclass(frozen=True)
@@ -76,21 +81,35 @@ class SamplingPlan:
     Attributes:
         candidates: how many top tokens to sort for filtering (0 = no filtering at all).
         penalize: apply the repetition penalty.
+        rank: rank the candidates for per-row top-k, top-p and min-p; False when every sampled
+            row keeps all of them, so sampling is a softmax over the candidates.
     """
 
     candidates: int
     penalize: bool
+    rank: bool = True
 
 
 def plan_for(params: list[SamplingParams], vocab_size: int) -> SamplingPlan:
-    """Choose the static plan that serves every row's parameters."""
-    filtering = any(not p.greedy and (p.top_k or p.top_p < 1 or p.min_p > 0) for p in params)
+    """Choose the static plan that serves every row's parameters.
+
+    Args:
+        params: one entry per row.
+        vocab_size: logits per row.
+    Returns:
+        the plan to pass to `sample` (and to key compiled steps by).
+    """
+    sampled = [p for p in params if not p.greedy]
+    filtering = any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in sampled)
     candidates = 0
     if filtering:
-        unlimited = any(not p.greedy and not p.top_k for p in params)
-        candidates = vocab_size if unlimited else min(vocab_size, max(p.top_k for p in params))
+        unlimited = any(not p.top_k for p in sampled)
+        candidates = vocab_size if unlimited else min(vocab_size, max(p.top_k for p in sampled))
+    keeps_all = all(p.top_p == 1 and p.min_p == 0 and min(p.top_k or vocab_size, vocab_size) == candidates
+                    for p in sampled)
     return SamplingPlan(candidates=candidates,
-                        penalize=any(p.repetition_penalty != 1 for p in params))
+                        penalize=any(p.repetition_penalty != 1 for p in params),
+                        rank=bool(candidates) and not keeps_all)
 
 
 def to_tensors(params: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
@@ -104,6 +123,78 @@ def to_tensors(params: list[SamplingParams], device: torch.device | str) -> Samp
         min_p=col([p.min_p for p in params], torch.float32),
         repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
     )
+
+
+def top_candidates(scores: torch.Tensor, k: int, chunk: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores of each row, in no particular order, and where they are.
+
+    Over a large vocabulary a plain `topk` is a multi-block radix select of several kernels; here
+    the row is split into chunks of `chunk` scores, the k chunks with the largest maxima are
+    picked, and one small `topk` over their scores (plus the row's tail that fills no whole chunk)
+    gives the result. The values equal `scores.topk(k)`'s exactly (ties may pick other indices).
+
+    Args:
+        scores: [B, V] float.
+        k: how many to keep, 1 <= k <= V.
+        chunk: chunk length (None = TOP_CHUNK). Rows shorter than TWO_LEVEL_MIN_RATIO * k * chunk
+            use a plain topk.
+    Returns:
+        (values [B, k], indices [B, k] long, distinct, each < V).
+    """
+    chunk = TOP_CHUNK if chunk is None else chunk
+    batch, vocab = scores.shape
+    if vocab < TWO_LEVEL_MIN_RATIO * k * chunk:
+        return scores.topk(k, dim=-1, sorted=False)
+    n_chunks = vocab // chunk
+    # Why exact: let v be the row's k-th largest score. Fewer than k scores exceed v, so fewer
+    # than k chunks hold one; each such chunk has fewer than k maxima at least as large as its own
+    # and is picked. And the pool holds k scores >= v: either all k picked maxima are >= v, or the
+    # k-th largest maximum is < v, and then every chunk holding a score >= v is picked. The pool
+    # thus has every score above v and enough equal to it. The tail (vocab % chunk scores) joins
+    # the pool whole instead of being padded, so no index past the vocabulary can come out.
+    maxima = scores[:, :n_chunks * chunk].reshape(batch, n_chunks, chunk).amax(dim=-1)
+    best = maxima.topk(k, dim=-1, sorted=False).indices  # [B, k]
+    pool = (best[:, :, None] * chunk + torch.arange(chunk, device=scores.device)).flatten(1)
+    if vocab % chunk:
+        tail = torch.arange(n_chunks * chunk, vocab, device=scores.device).expand(batch, -1)
+        pool = torch.cat([pool, tail], dim=1)
+    # pool: [B, k * chunk + vocab % chunk] indices, distinct
+    values, picked = scores.gather(1, pool).topk(k, dim=-1, sorted=False)
+    return values, pool.gather(1, picked)
+
+
+def _filtered_probs(values: torch.Tensor, settings: SamplingTensors, descending: bool) -> torch.Tensor:
+    """Probabilities over the candidates after each row's top-k, top-p and min-p.
+
+    Args:
+        values: [B, k] scaled logits of the candidates.
+        settings: per-row settings.
+        descending: `values` are sorted in descending order; otherwise they are ranked here pairwise
+            (a [B, k, k] comparison: over a few hundred candidates one fused kernel, where sorting
+            them costs a slow single-block sort per step).
+    Returns:
+        [B, k] probabilities, zero where filtered out (not renormalised: the race does not need it).
+    """
+    candidates = values.shape[-1]
+    order = torch.arange(candidates, device=values.device)
+    if descending:
+        above = None
+        ranks = order[None, :]
+    else:
+        # above[b, i, j]: candidate j ranks above candidate i (ties: the earlier one first)
+        above = ((values[:, None, :] > values[:, :, None])
+                 | ((values[:, None, :] == values[:, :, None]) & (order[None, :] < order[:, None])))
+        ranks = above.sum(dim=-1)
+    top_k = torch.where(settings.top_k > 0, settings.top_k, candidates)[:, None]
+    probs = torch.softmax(values.masked_fill(ranks >= top_k, float("-inf")), dim=-1)
+    if above is None:  # probability mass ranked above each candidate
+        before = probs.cumsum(dim=-1) - probs
+    else:
+        before = (above * probs[:, None, :]).sum(dim=-1)
+    keep = (before < settings.top_p[:, None]) & (
+        probs >= settings.min_p[:, None] * probs.amax(dim=-1, keepdim=True))
+    return probs * keep
 
 
 def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
@@ -125,28 +216,16 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         logits = torch.where(seen, penalized, logits)
     scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
     if plan.candidates:
-        if plan.candidates <= PAIRWISE_RANKS:
-            # Unsorted top-k, ranked by pairwise comparison: over a few hundred candidates one
-            # fused kernel, where sorting them costs a slow single-block sort per step.
-            values, indices = scaled.topk(plan.candidates, dim=-1, sorted=False)
-            order = torch.arange(plan.candidates, device=logits.device)
-            # above[b, i, j]: candidate j ranks above candidate i (ties: the earlier one first)
-            above = ((values[:, None, :] > values[:, :, None])
-                     | ((values[:, None, :] == values[:, :, None]) & (order[None, :] < order[:, None])))
-            ranks = above.sum(dim=-1)
+        if not plan.rank or plan.candidates <= PAIRWISE_RANKS:
+            values, indices = top_candidates(scaled, plan.candidates)
+            descending = False
         else:
             values, indices = scaled.topk(plan.candidates, dim=-1)  # sorted, descending
-            above = None
-            ranks = torch.arange(plan.candidates, device=logits.device)[None, :]
-        top_k = torch.where(settings.top_k > 0, settings.top_k, plan.candidates)[:, None]
-        probs = torch.softmax(values.masked_fill(ranks >= top_k, float("-inf")), dim=-1)
-        if above is None:  # probability mass ranked above each candidate
-            before = probs.cumsum(dim=-1) - probs
-        else:
-            before = (above * probs[:, None, :]).sum(dim=-1)
-        keep = (before < settings.top_p[:, None]) & (
-            probs >= settings.min_p[:, None] * probs.amax(dim=-1, keepdim=True))
-        probs = probs * keep
+            descending = True
+        if plan.rank:
+            probs = _filtered_probs(values, settings, descending)
+        else:  # every sampled row keeps every candidate
+            probs = torch.softmax(values, dim=-1)
         # temperature only rescales, so the top candidate is also the greedy token
         greedy_tokens = indices.gather(-1, values.argmax(dim=-1, keepdim=True))[:, 0]
     else:
