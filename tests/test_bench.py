@@ -89,7 +89,7 @@ def _perturb_compiled_decode(monkeypatch):
 
     def decode(self, *args, **kwargs):
         token, logits = original(self, *args, **kwargs)
-        return token, logits + 1.0 if self.compile_decode else logits
+        return token, logits + 1.0 if self.compile_decode and logits is not None else logits
 
     monkeypatch.setattr(Steps, "decode", decode)
 

@@ -7,7 +7,7 @@ from tachylm.build import build_random_model
 from tachylm.cache import KVCache
 from tachylm.config import ModelConfig
 from tachylm.generate import Generation
-from tachylm.sampling import SamplingParams
+from tachylm.sampling import SamplingParams, plan_for, to_tensors
 from tachylm.steps import Steps
 
 CONFIG = ModelConfig(family="llama", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -56,6 +56,40 @@ def test_no_recompilation_after_warm_up(model):
     for length, new_tokens in [(3, 7), (17, 2), (40, 11), (33, 5), (64, 9), (1, 3), (90, 20)]:
         list(Generation(steps, [7] * length, new_tokens, sampled))
     assert len(compiles) == warm, f"recompiled {len(compiles) - warm} times after warm-up"
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams.greedy_params(),
+    SamplingParams(temperature=0.8, top_k=20, top_p=1.0, repetition_penalty=1.3, seed=5),
+])
+def test_compiled_decode_reads_static_input_buffers(model, params):
+    """Compiled decode copies its inputs into buffers it owns (static addresses, so CUDA graphs
+    copy nothing) and still draws eager's tokens; what it returns is the caller's to keep."""
+    torch._dynamo.reset()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    eager = list(Generation(_steps(model), prompt, 12, params))
+    steps = _steps(model, compile_decode=True, backend="aot_eager")
+    assert list(Generation(steps, prompt, 12, params)) == eager
+    [buffers] = steps._decode_inputs.values()  # one set, made once and refilled every step
+    assert len(buffers) == 7 + (params.repetition_penalty != 1)
+    assert all(b._dynamo_static_input_type == "unguarded" and b.is_inference() for b in buffers)
+
+    # Logits equal eager's; a second step overwrites the buffers, not the first step's results.
+    greedy = SamplingParams.greedy_params()
+    plan, settings = plan_for([greedy], CONFIG.vocab_size), to_tensors([greedy], "cpu")
+    results = {}
+    for name, s in [("eager", _steps(model)), ("compiled", _steps(model, compile_decode=True,
+                                                                   backend="aot_eager"))]:
+        s.prefill(torch.tensor([prompt]), 0)
+        first = s.decode(torch.tensor([[7]]), torch.tensor([[8]]), settings, plan)
+        kept = (first[0].clone(), first[1].clone())
+        second = s.decode(first[0][:, None], torch.tensor([[9]]), settings, plan, return_logits=False)
+        assert second[1] is None
+        assert torch.equal(first[0], kept[0]) and torch.equal(first[1], kept[1])
+        results[name] = (first[0], first[1], second[0])
+    assert torch.equal(results["eager"][0], results["compiled"][0])
+    assert torch.allclose(results["eager"][1], results["compiled"][1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(results["eager"][2], results["compiled"][2])
 
 
 def test_custom_ops_are_registered_with_inductor_up_front():

@@ -92,3 +92,12 @@ def test_bad_requests(model):
         Generation(_steps(model), [], 5, GREEDY)
     with pytest.raises(ValueError, match="max_new_tokens"):
         Generation(_steps(model), [1], 0, GREEDY)
+
+
+def test_decode_with_a_penalty_needs_seen(model):
+    from tachylm.sampling import plan_for, to_tensors
+
+    params = SamplingParams(temperature=1.0, repetition_penalty=1.2)
+    plan = plan_for([params], CONFIG.vocab_size)
+    with pytest.raises(ValueError, match="seen"):
+        _steps(model).decode(torch.tensor([[1]]), torch.tensor([[0]]), to_tensors([params], "cpu"), plan)

@@ -133,7 +133,8 @@ class Generation:
                 if seen is not None:
                     seen.scatter_(1, token, True)
                 input_pos = torch.full((1, 1), pos, device=device)
-                next_token, _ = steps.decode(token, input_pos, settings, plan, seen, kv_limit=pos + 1)
+                next_token, _ = steps.decode(token, input_pos, settings, plan, seen, kv_limit=pos + 1,
+                                             return_logits=False)
                 token = next_token[:, None]
                 block.append(next_token)
                 pos += 1

@@ -4,9 +4,10 @@ Strategies (generate.py, speculative decoding, the server) call these, never the
 compiled callables live in a `Steps` object; nothing is rebound at module level and compiler
 options are passed to `torch.compile` here, scoped to these calls.
 
-Decode runs model + sampling as one step (compiled with CUDA graphs when asked). Prefill pads the
-prompt to a multiple of `PREFILL_MULTIPLE` so compiled prefill sees few distinct shapes, and
-returns the logits of each row's last real token only.
+Decode runs model + sampling as one step (compiled with CUDA graphs when asked). Compiled decode
+reads its inputs from persistent, static-address buffers that `Steps` owns and fills each step, so
+CUDA graphs copy none of them. Prefill pads the prompt to a multiple of `PREFILL_MULTIPLE` so
+compiled prefill sees few distinct shapes, and returns the logits of each row's last real token only.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Steps:
         self.backend = backend
         self.tuning = tuning
         self._decode_fns: dict[SamplingPlan, Callable] = {}
+        self._decode_inputs: dict[tuple, list[torch.Tensor]] = {}  # see _static_inputs
         self._prefill_fn = self._prefill_impl
         if backend == "inductor" and (compile_decode or compile_prefill):
             register_inductor_fallbacks()
@@ -117,6 +119,32 @@ class Steps:
             self._decode_fns[plan] = fn
         return fn
 
+    def _static_inputs(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy `sources` into this step's persistent input buffers and return the buffers.
+
+        CUDA-graph trees copy every graph input whose address is not static into the graph's own
+        memory, one small kernel each; buffers marked static (as the KV cache is) are read in
+        place. They are made once per set of shapes, inside inference mode like every decode
+        input, so compiled graphs never see the kind of tensor change.
+
+        Args:
+            sources: the step's input tensors, in the compiled function's order.
+        Returns:
+            buffers of the same shapes and dtypes on this step's device, holding their values.
+        """
+        key = tuple((tuple(t.shape), t.dtype) for t in sources)
+        buffers = self._decode_inputs.get(key)
+        if buffers is None:
+            buffers = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in sources]
+            for buffer in buffers:
+                torch._dynamo.mark_static_address(buffer)
+            self._decode_inputs[key] = buffers
+        # One kernel per dtype: _foreach_copy_ fuses the copies only when all sources share one.
+        for dtype in dict.fromkeys(t.dtype for t in sources):
+            pairs = [(b, t) for b, t in zip(buffers, sources) if t.dtype == dtype]
+            torch._foreach_copy_([b for b, _ in pairs], [t for _, t in pairs])
+        return buffers
+
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Write a prompt into the cache and return the logits after its last token.
@@ -145,8 +173,8 @@ class Steps:
 
     @torch.inference_mode()
     def decode(self, token: torch.Tensor, input_pos: torch.Tensor, settings: SamplingTensors,
-               plan: SamplingPlan, seen: torch.Tensor | None = None, kv_limit: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               plan: SamplingPlan, seen: torch.Tensor | None = None, kv_limit: int | None = None,
+               return_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode step: feed `token` at `input_pos`, sample the next token.
 
         Args:
@@ -154,16 +182,23 @@ class Steps:
             settings, plan, seen: sampling (see sampling.sample).
             kv_limit: exclusive bound on the positions in use; eager steps attend over that
                 prefix of the cache only (compiled steps keep static shapes and ignore it).
+            return_logits: also return the logits; without them a compiled step saves a copy.
         Returns:
-            (next token [B], logits [B, vocab]); both are fresh tensors the caller may keep.
+            (next token [B], logits [B, vocab] or None); fresh tensors the caller may keep.
         """
-        if self.compile_decode and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
+        if plan.penalize and seen is None:
+            raise ValueError("this sampling plan applies a repetition penalty: pass `seen`, the "
+                             "[B, vocab] mask of tokens already in each row")
         fn = self._decode_fn(plan)
-        token, input_pos = token.clone(), input_pos.clone()  # inference tensors (see prefill)
-        if self.compile_decode:
-            next_token, logits = fn(token, input_pos, settings, seen)
-        else:
+        if not self.compile_decode:
             next_token, logits = fn(token, input_pos, settings, seen, kv_limit=kv_limit)
+            return next_token, logits if return_logits else None
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        # `seen` only where the plan reads it, so no step copies a [B, vocab] mask for nothing.
+        token, input_pos, *rest = self._static_inputs(
+            [token, input_pos, *settings, *([seen] if plan.penalize else [])])
+        settings, seen = SamplingTensors(*rest[:len(settings)]), rest[-1] if plan.penalize else None
+        next_token, logits = fn(token, input_pos, settings, seen)
         # CUDA-graph outputs are overwritten by the next replay: hand out copies.
-        return next_token.clone(), logits.clone()
+        return next_token.clone(), logits.clone() if return_logits else None
