@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tachylm.sampling as sampling
-from tachylm.sampling import SamplingParams, plan_for, sample, to_tensors, top_candidates
+from tachylm.sampling import SamplingParams, plan_for, sample, to_tensors
 
 
 def _draw(logits, params, n=4000, seen=None):
@@ -126,43 +126,6 @@ def test_mixed_greedy_rows_take_the_top_candidate():
     assert out[0].item() == 1 and out[1].item() in (0, 2)
 
 
-def _assert_top_k(scores, k, chunk):
-    values, indices = top_candidates(scores, k, chunk)
-    assert values.shape == indices.shape == (scores.shape[0], k)
-    want = scores.topk(k, dim=-1).values
-    assert torch.equal(values.sort(dim=-1, descending=True).values, want)
-    assert indices.min() >= 0 and indices.max() < scores.shape[-1]
-    assert torch.equal(scores.gather(1, indices), values)
-    assert all(len(set(row)) == k for row in indices.tolist())  # distinct
-
-
-@pytest.mark.parametrize("batch, vocab, k, chunk", [
-    (1, 4096, 4, 16),   # a multiple of the chunk
-    (3, 5003, 5, 16),   # a tail of 11 scores that fills no chunk
-    (2, 9000, 7, 32),
-    (4, 2000, 1, 32),
-])
-def test_two_level_top_k_equals_topk(batch, vocab, k, chunk):
-    assert vocab >= sampling.TWO_LEVEL_MIN_RATIO * k * chunk  # the two-level path runs
-    gen = torch.Generator().manual_seed(vocab)
-    _assert_top_k(torch.randn(batch, vocab, generator=gen), k, chunk)
-    # Many ties: few distinct values, so the k-th largest is shared across chunks.
-    _assert_top_k(torch.randint(0, 4, (batch, vocab), generator=gen).float(), k, chunk)
-    # -inf entries, and the largest scores in the tail.
-    scores = torch.randn(batch, vocab, generator=gen)
-    scores[:, ::3] = float("-inf")
-    scores[:, -1] = 100.0
-    _assert_top_k(scores, k, chunk)
-
-
-def test_two_level_top_k_with_fewer_finite_scores_than_k():
-    """Rows of mostly -inf: the -inf candidates are real tokens too, never an index past V."""
-    scores = torch.full((2, 5003), float("-inf"))
-    scores[0, [7, 5001]] = 1.0
-    scores[1, 4999] = 0.5
-    _assert_top_k(scores, 5, 16)
-
-
 def test_plan_ranks_only_when_a_row_filters_within_the_candidates():
     vocab = 1000
     bench = SamplingParams(temperature=0.8, top_k=200, top_p=1.0)
@@ -190,25 +153,3 @@ def test_unranked_plan_draws_the_same_tokens_as_ranking():
     assert torch.equal(tokens[0], tokens[1])
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=1.0, top_k=4, top_p=1.0),
-    SamplingParams(temperature=1.0, top_k=4, top_p=0.8),
-])
-def test_two_level_candidates_sample_like_topk(params, monkeypatch):
-    """Over a vocabulary large enough for the two-level top-k, sampling follows the same
-    distribution as with a plain topk (the candidates' order differs, so single draws do)."""
-    vocab = 2048
-    logits = torch.full((1, vocab), -5.0)
-    logits[0, [17, 1000, 1500, 2047, 300]] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.4])
-    freqs, two_level = [], sampling.TWO_LEVEL_MIN_RATIO
-    for ratio in (two_level, 10**9):  # two-level, then plain topk
-        monkeypatch.setattr(sampling, "TWO_LEVEL_MIN_RATIO", ratio)
-        torch.manual_seed(0)
-        tokens = _draw(logits, params, n=8000)
-        freqs.append(torch.bincount(tokens, minlength=vocab).float() / tokens.numel())
-    assert set(freqs[0].nonzero()[:, 0].tolist()) <= {17, 1000, 1500, 2047}
-    assert torch.allclose(freqs[0], freqs[1], atol=0.03)
-    # A greedy row next to a sampled one takes the top candidate.
-    rows = [SamplingParams.greedy_params(), params]
-    monkeypatch.setattr(sampling, "TWO_LEVEL_MIN_RATIO", two_level)
-    assert sample(logits.expand(2, -1), to_tensors(rows, "cpu"), plan_for(rows, vocab))[0].item() == 17

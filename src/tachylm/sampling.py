@@ -5,7 +5,6 @@ holds the same values as per-row device tensors, so one compiled step serves eve
 `sample()` draws a token per row with an exponential race (argmax of p / Exp(1) samples from p),
 applies top-k, top-p and min-p by masks over a sorted candidate set, repetition penalty from a
 per-row "seen" mask, and greedy rows (temperature 0) by argmax, all as tensor operations.
-Over a large vocabulary the candidates come from a two-level top-k (`top_candidates`).
 """
 
 from __future__ import annotations
@@ -17,10 +16,6 @@ import torch
 
 # Up to this many top-k candidates are ranked pairwise (a [B, k, k] comparison) instead of sorted.
 PAIRWISE_RANKS = 512
-# Chunk length of the two-level top-k (`top_candidates`), and how many times larger than
-# k * TOP_CHUNK the vocabulary must be for it to pay over a plain topk.
-TOP_CHUNK = 32
-TWO_LEVEL_MIN_RATIO = 8
 
 
 @dataclass(frozen=True)
@@ -125,45 +120,6 @@ def to_tensors(params: list[SamplingParams], device: torch.device | str) -> Samp
     )
 
 
-def top_candidates(scores: torch.Tensor, k: int, chunk: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest scores of each row, in no particular order, and where they are.
-
-    Over a large vocabulary a plain `topk` is a multi-block radix select of several kernels; here
-    the row is split into chunks of `chunk` scores, the k chunks with the largest maxima are
-    picked, and one small `topk` over their scores (plus the row's tail that fills no whole chunk)
-    gives the result. The values equal `scores.topk(k)`'s exactly (ties may pick other indices).
-
-    Args:
-        scores: [B, V] float.
-        k: how many to keep, 1 <= k <= V.
-        chunk: chunk length (None = TOP_CHUNK). Rows shorter than TWO_LEVEL_MIN_RATIO * k * chunk
-            use a plain topk.
-    Returns:
-        (values [B, k], indices [B, k] long, distinct, each < V).
-    """
-    chunk = TOP_CHUNK if chunk is None else chunk
-    batch, vocab = scores.shape
-    if vocab < TWO_LEVEL_MIN_RATIO * k * chunk:
-        return scores.topk(k, dim=-1, sorted=False)
-    n_chunks = vocab // chunk
-    # Why exact: let v be the row's k-th largest score. Fewer than k scores exceed v, so fewer
-    # than k chunks hold one; each such chunk has fewer than k maxima at least as large as its own
-    # and is picked. And the pool holds k scores >= v: either all k picked maxima are >= v, or the
-    # k-th largest maximum is < v, and then every chunk holding a score >= v is picked. The pool
-    # thus has every score above v and enough equal to it. The tail (vocab % chunk scores) joins
-    # the pool whole instead of being padded, so no index past the vocabulary can come out.
-    maxima = scores[:, :n_chunks * chunk].reshape(batch, n_chunks, chunk).amax(dim=-1)
-    best = maxima.topk(k, dim=-1, sorted=False).indices  # [B, k]
-    pool = (best[:, :, None] * chunk + torch.arange(chunk, device=scores.device)).flatten(1)
-    if vocab % chunk:
-        tail = torch.arange(n_chunks * chunk, vocab, device=scores.device).expand(batch, -1)
-        pool = torch.cat([pool, tail], dim=1)
-    # pool: [B, k * chunk + vocab % chunk] indices, distinct
-    values, picked = scores.gather(1, pool).topk(k, dim=-1, sorted=False)
-    return values, pool.gather(1, picked)
-
-
 def _filtered_probs(values: torch.Tensor, settings: SamplingTensors, descending: bool) -> torch.Tensor:
     """Probabilities over the candidates after each row's top-k, top-p and min-p.
 
@@ -217,7 +173,7 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
     scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
     if plan.candidates:
         if not plan.rank or plan.candidates <= PAIRWISE_RANKS:
-            values, indices = top_candidates(scaled, plan.candidates)
+            values, indices = scaled.topk(plan.candidates, dim=-1, sorted=False)
             descending = False
         else:
             values, indices = scaled.topk(plan.candidates, dim=-1)  # sorted, descending
