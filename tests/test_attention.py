@@ -155,6 +155,9 @@ CASES = {
     "write-rope-fp32-merge": (2, 8, 2, 200, 64, "fp32", [130, 7], 4, True, 64, True),
     "write-rope-bf16-one-program": (2, 8, 2, 200, 64, "bf16", [199, 0], 4, True, None, True),
     "write-fp16-no-rope": (1, 4, 4, 96, 32, "fp16", [70], 2, False, 32, True),
+    # the new slot alone in the last slice (nothing of it read from the cache), three of four
+    # slices in use
+    "write-new-slot-alone": (1, 8, 2, 200, 32, "bf16", [128], 4, True, 64, True),
 }
 
 

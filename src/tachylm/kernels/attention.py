@@ -199,8 +199,8 @@ if HAS_TRITON:
         v_base = v_ptr + b * stride_vb + kvh * stride_vh
         if WRITE:
             # This step's key (rotated like q) and value, in the cache's dtype. The first program
-            # of the head stores them at slot length - 1; every program attends with these
-            # values at that slot (never with what it reads there while they are being written).
+            # of the head stores them at slot length - 1; the program whose slice holds that slot
+            # attends to them from registers (never to the slot while it is being written).
             nk_row = nk_ptr + b * stride_nkb + kvh * stride_nkh
             nk1 = tl.load(nk_row + offs_h)[None, :]
             nk2 = tl.load(nk_row + HALF + offs_h)[None, :]
@@ -219,19 +219,15 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running max (log2 units)
         l_i = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp2
         acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
-        for s0 in range(start, end, BLOCK_S):
+        cached_end = tl.minimum(end, length - 1) if WRITE else end  # slots read from the cache
+        for s0 in range(start, cached_end, BLOCK_S):
             slots = s0 + offs_s
-            s_ok = slots < end
+            s_ok = slots < cached_end
             k_rows = k_base + slots[:, None] * stride_ks
             k1 = tl.load(k_rows + offs_h[None, :], mask=s_ok[:, None], other=0.0)
             k2 = tl.load(k_rows + HALF + offs_h[None, :], mask=s_ok[:, None], other=0.0)
             vt = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :], mask=s_ok[:, None],
                          other=0.0)
-            if WRITE:
-                is_new = (slots == length - 1)[:, None]
-                k1 = tl.where(is_new, nk1, k1)
-                k2 = tl.where(is_new, nk2, k2)
-                vt = tl.where(is_new, nv, vt)
             scores = (_dot(q1, tl.trans(k1), PRECISION)
                       + _dot(q2, tl.trans(k2), PRECISION)) * qk_scale  # [G, S]
             scores = tl.where(s_ok[None, :], scores, float("-inf"))
@@ -241,6 +237,16 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
             m_i = m_new
+        if WRITE:
+            if (start <= length - 1) & (length - 1 < end):  # the new slot is in this slice
+                score = tl.sum(q1.to(tl.float32) * nk1.to(tl.float32), axis=1)
+                score = (score + tl.sum(q2.to(tl.float32) * nk2.to(tl.float32), axis=1)) * qk_scale
+                m_new = tl.maximum(m_i, score)
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(score - m_new)
+                l_i = l_i * alpha + p
+                acc = acc * alpha[:, None] + p[:, None] * nv.to(tl.float32)
+                m_i = m_new
 
         pdl_release(PDL)
         # Partial of this slice: normalised output and log2-sum-exp2 (-inf for an empty slice).
@@ -260,18 +266,22 @@ if HAS_TRITON:
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
         if arrived == active - 1:
+            # Unrolled over every possible slice (the loads issue together; a loop to `active`
+            # would wait on each), those past `active` masked off.
             lse_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-            for s in range(0, active):
-                lse_max = tl.maximum(lse_max, tl.load(lse_ptr + rows * SPLITS + s, mask=g_ok,
-                                                      other=float("-inf"), cache_modifier=".cg"))
+            for s in tl.static_range(SPLITS):
+                lse_max = tl.maximum(lse_max, tl.load(lse_ptr + rows * SPLITS + s,
+                                                      mask=g_ok & (s < active), other=float("-inf"),
+                                                      cache_modifier=".cg"))
             lse_max = tl.where(g_ok, lse_max, 0.0)
             total = tl.zeros((BLOCK_G,), tl.float32)
             merged = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
-            for s in range(0, active):  # fixed order: deterministic
-                w = tl.exp2(tl.load(lse_ptr + rows * SPLITS + s, mask=g_ok, other=float("-inf"),
+            for s in tl.static_range(SPLITS):  # fixed order: deterministic
+                use = g_ok & (s < active)
+                w = tl.exp2(tl.load(lse_ptr + rows * SPLITS + s, mask=use, other=float("-inf"),
                                     cache_modifier=".cg") - lse_max)
                 part_s = tl.load(ws_ptr + (rows * SPLITS + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                                 mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                                 mask=use[:, None], other=0.0, cache_modifier=".cg")
                 merged += w[:, None] * part_s
                 total += w
             merged = merged / tl.where(g_ok, total, 1.0)[:, None]
