@@ -103,3 +103,22 @@ def test_custom_ops_are_registered_with_inductor_up_front():
     register_inductor_fallbacks()
     assert all(op in lowerings for op in custom_ops())
     assert register_inductor_fallbacks() == []  # once is enough
+
+
+def test_prefill_graph_lengths():
+    from tachylm.steps import prefill_graph_length
+
+    assert prefill_graph_length(5, 0, 4096) == 16
+    assert prefill_graph_length(16, 0, 4096) == 16
+    assert prefill_graph_length(17, 0, 4096) == 32
+    assert prefill_graph_length(256, 0, 4096) == 256
+    assert prefill_graph_length(257, 0, 4096) is None  # long prompts: eager, GPU-bound anyway
+    assert prefill_graph_length(5, 10, 4096) is None  # a later turn of a chat: eager
+    assert prefill_graph_length(100, 0, 120) is None  # the 128-token graph would not fit the cache
+
+
+def test_prefill_graphs_need_a_gpu(model):
+    cache = KVCache(model.config.n_layers, 1, 64, model.config.n_kv_heads, model.config.head_dim)
+    with pytest.raises(ValueError, match="prefill_graphs needs the cache on a CUDA device"):
+        Steps(model, cache, prefill_graphs=True)
+    assert not Steps(model, cache, compile_decode=True, backend="eager").prefill_graphs

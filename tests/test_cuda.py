@@ -60,6 +60,25 @@ def test_cuda_graph_decode_equals_eager_and_never_recompiles():
     assert dict(counters["stats"]).get("unique_graphs") == after_warm.get("unique_graphs"), (before, after_warm)
 
 
+def test_prefill_graphs_equal_eager_prefill():
+    """Short prompts from position 0 replay a captured graph per padded length: same logits and
+    cache as eager prefill, for a first capture and for later replays of other prompts."""
+    model = build_random_model(CONFIG, device="cuda", dtype=torch.float32, seed=0, std=0.1)
+    eager, graphs = _steps(model, "cuda"), _steps(model, "cuda", prefill_graphs=True)
+    gen = torch.Generator().manual_seed(0)
+    for length in (5, 16, 9, 17, 40, 130):
+        tokens = torch.randint(0, 1000, (1, length), generator=gen).cuda()
+        want, got = eager.prefill(tokens, 0), graphs.prefill(tokens, 0)
+        assert (want - got).abs().max() <= 1e-4 * want.abs().max(), length
+        for a, b in zip(eager.cache.k + eager.cache.v, graphs.cache.k + graphs.cache.v):
+            assert (a[:, :, :length] - b[:, :, :length]).abs().max() <= 1e-4 * a.abs().max()
+    assert sorted(graphs._prefill_graphs) == [(1, 16), (1, 32), (1, 64), (1, 256)]
+    # past position 0 (a chat's next turn) prefill stays eager
+    tokens = torch.randint(0, 1000, (1, 6), generator=gen).cuda()
+    want, got = eager.prefill(tokens, 40), graphs.prefill(tokens, 40)
+    assert (want - got).abs().max() <= 1e-4 * want.abs().max()
+
+
 def _tiny_checkpoint_folder(folder):
     """A tiny random Llama saved by transformers, with a byte-level BPE tokenizer and a template."""
     import json

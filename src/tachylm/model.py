@@ -72,7 +72,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         q = q.reshape(batch, n_kv_heads, group * seq, head_dim)  # rows ordered (head in group, t)
         mask = mask.expand(batch, group, seq, mask.shape[-1]).reshape(batch, 1, group * seq, -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.view(batch, n_heads, seq, head_dim)
+    return out.reshape(batch, n_heads, seq, head_dim)  # SDPA's math path may not be contiguous
 
 
 class Attention(nn.Module):

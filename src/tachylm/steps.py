@@ -8,6 +8,9 @@ Decode runs model + sampling as one step (compiled with CUDA graphs when asked).
 reads its inputs from persistent, static-address buffers that `Steps` owns and fills each step, so
 CUDA graphs copy none of them. Prefill pads the prompt to a multiple of `PREFILL_MULTIPLE` so
 compiled prefill sees few distinct shapes, and returns the logits of each row's last real token only.
+Next to compiled decode on a GPU, a short prompt's prefill (up to max(PREFILL_GRAPH_LENGTHS)
+tokens from position 0) replays a CUDA graph captured per padded length instead of launching
+every kernel from Python.
 """
 
 from __future__ import annotations
@@ -23,11 +26,58 @@ from tachylm.model import Transformer
 from tachylm.sampling import SamplingPlan, SamplingTensors, sample
 
 PREFILL_MULTIPLE = 16
+# Prompt lengths (after padding) whose prefill from position 0 replays a captured CUDA graph when
+# decode is compiled on a GPU. A short prompt's eager prefill is bound by the host launching ~20
+# kernels a layer (48 ms for 5 tokens of the Llama-3.1-8B shape on an H100, BENCHMARKS.md), far
+# more than its GPU work; from a few hundred tokens the GPU work hides the launches.
+PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256)
 
 
 def padded_length(length: int, limit: int) -> int:
     """Prompt length rounded up to the prefill granularity, never past `limit`."""
     return min(-(-length // PREFILL_MULTIPLE) * PREFILL_MULTIPLE, limit)
+
+
+def prefill_graph_length(length: int, start_pos: int, max_seq_len: int) -> int | None:
+    """The captured prefill length that serves a prompt of `length` tokens at `start_pos`, or None
+    where prefill runs eagerly (prompts past position 0, longer than the longest graph, or whose
+    graph would not fit the cache)."""
+    if start_pos != 0:
+        return None
+    return next((n for n in PREFILL_GRAPH_LENGTHS if length <= n <= max_seq_len), None)
+
+
+class _PrefillGraph:
+    """Prefill of one padded length from position 0, captured as a CUDA graph over fixed input
+    buffers. Replaying it writes the prompt's keys and values into the cache and leaves the
+    logits of each row's last real token in `logits`."""
+
+    def __init__(self, steps: "Steps", batch: int, length: int, pool) -> None:
+        device = steps.device
+        self.tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.logit_index = torch.zeros(batch, dtype=torch.long, device=device)
+        # Every tensor the graph reads must outlive it: the graph holds addresses, not tensors.
+        self.input_pos = torch.arange(length, device=device).expand(batch, -1)
+
+        def run():
+            return steps._prefill_impl(self.tokens, self.input_pos, self.logit_index, length)
+
+        # A first run outside the capture tunes and sets up the kernels (their first call must
+        # not be captured); it writes slots 0..length-1 of the cache, as every replay does.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = run()
+
+    def __call__(self, tokens: torch.Tensor, logit_index: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.logit_index.copy_(logit_index)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites `logits`
 
 
 def register_inductor_fallbacks() -> list:
@@ -64,6 +114,9 @@ class Steps:
         cache: its KV cache (batch size and length fixed here).
         compile_decode: compile the decode step (CUDA graphs on a GPU).
         compile_prefill: compile prefill (dynamic length, so prompts do not recompile).
+        prefill_graphs: replay prefills of up to max(PREFILL_GRAPH_LENGTHS) tokens from position
+            0 as CUDA graphs, one captured per length at its first use (CUDA only; None = when
+            decode is compiled on a GPU and prefill is not).
         backend: torch.compile backend ("inductor"; "eager"/"aot_eager" for fast CPU tests).
         tuning: Inductor's coordinate-descent tuning on CUDA. It finds better launch parameters
             for matrix-vector products Inductor generates itself (models without FastLinear or
@@ -73,11 +126,20 @@ class Steps:
     """
 
     def __init__(self, model: Transformer, cache: KVCache, *, compile_decode: bool = False,
-                 compile_prefill: bool = False, backend: str = "inductor", tuning: bool = False):
+                 compile_prefill: bool = False, prefill_graphs: bool | None = None,
+                 backend: str = "inductor", tuning: bool = False):
         self.model = model
         self.cache = cache
         self.compile_decode = compile_decode
         self.compile_prefill = compile_prefill
+        on_gpu = cache.device.type == "cuda"
+        if prefill_graphs is None:
+            prefill_graphs = compile_decode and on_gpu and not compile_prefill
+        elif prefill_graphs and not on_gpu:
+            raise ValueError(f"prefill_graphs needs the cache on a CUDA device, not {cache.device}")
+        self.prefill_graphs = prefill_graphs
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._graph_pool = None
         self.backend = backend
         self.tuning = tuning
         self._decode_fns: dict[SamplingPlan, Callable] = {}
@@ -164,9 +226,21 @@ class Steps:
         # Padding goes into cache slots past the prompt; they are masked until overwritten. The
         # pad (even by 0) also makes `tokens` an inference tensor like every other input here, so
         # compiled graphs see one kind of tensor and never recompile over it.
+        graph_length = (prefill_graph_length(length, start_pos, self.cache.max_seq_len)
+                        if self.prefill_graphs else None)
+        if graph_length is not None:
+            padded = graph_length
         tokens = torch.nn.functional.pad(tokens, (0, padded - length))
-        input_pos = torch.arange(start_pos, start_pos + padded, device=tokens.device).expand(batch, -1)
         logit_index = torch.full((batch,), length - 1, device=tokens.device)
+        if graph_length is not None:
+            graph = self._prefill_graphs.get((batch, graph_length))
+            if graph is None:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                graph = _PrefillGraph(self, batch, graph_length, self._graph_pool)
+                self._prefill_graphs[batch, graph_length] = graph
+            return graph(tokens, logit_index)
+        input_pos = torch.arange(start_pos, start_pos + padded, device=tokens.device).expand(batch, -1)
         if self.compile_prefill:
             return self._prefill_fn(tokens, input_pos, logit_index).clone()
         return self._prefill_fn(tokens, input_pos, logit_index, start_pos + padded)
