@@ -140,7 +140,8 @@ def test_splits_cover_the_gpu_but_not_past_the_cache():
 # The Triton kernel under the interpreter (a child process: the switch precedes importing triton)
 # ----------------------------------------------------------------------------------------------
 
-# name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits, rotate q, min_slice, write)
+# name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits, rotate q, min_slice, write);
+# a min_slice runs every length in slices (no one-program rows), None the kernel's defaults.
 CASES = {
     "mha-fp32-split4": (1, 4, 4, 130, 32, "fp32", [129], 4, False, 64, False),
     "gqa-bf16-ragged": (2, 8, 2, 200, 32, "bf16", [0, 136], 4, False, 64, False),
@@ -149,7 +150,7 @@ CASES = {
     "one-split": (1, 4, 2, 100, 32, "fp32", [99], 1, False, 64, False),
     "rope-fp32": (2, 8, 2, 150, 64, "fp32", [149, 3], 4, True, 64, False),
     "rope-bf16": (1, 32, 8, 256, 128, "bf16", [204], 4, True, 64, False),
-    # the default shortest slice: one program per head up to 256 slots, two past it
+    # the defaults: one program per head up to 256 slots, slices of 64 past it
     "default-slices": (2, 8, 2, 300, 32, "fp32", [255, 256], 4, True, None, False),
     # this step's key and value written by the kernel (and used for their slot)
     "write-rope-fp32-merge": (2, 8, 2, 200, 64, "fp32", [130, 7], 4, True, 64, True),
@@ -192,7 +193,8 @@ def _interpreter_child():
             k[rows, :, input_pos] = v[rows, :, input_pos] = torch.tensor(1e4, dtype=k.dtype)
         try:
             out = decode_attention_triton(q, k, v, input_pos, cos, sin, new_k, new_v,
-                                          splits=splits, min_slice=min_slice)
+                                          splits=splits, min_slice=min_slice,
+                                          one_program=None if min_slice is None else 0)
             result = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
                       "dtype": str(out.dtype), "shape": list(out.shape),
                       "counters": int(qm.split_counters(q.device).abs().sum())}

@@ -10,7 +10,8 @@ are a device tensor (no host sync, valid under CUDA graphs):
   each program takes one kv head, all the query heads that share it (grouped-query attention reads
   each kv head once) and one of up to SPLITS equal slices of that row's filled length, computed on
   the device, so the work spreads over the GPU whatever the length (slices of at least
-  `_MIN_SLICE` slots: a short row is one program per head, which writes its output directly). It
+  `_MIN_SLICE` slots; a row of up to `_ONE_PROGRAM` slots is one program per head, which writes
+  its output directly). It
   keeps an online softmax in float32 and stores a normalised partial output and its log-sum-exp.
   The last program of a head to arrive (an atomic on a self-resetting counter, as the GEMV
   kernels' split-K) merges the partials in a fixed order: one launch, deterministic results.
@@ -47,9 +48,12 @@ if HAS_TRITON:
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 64  # cache slots per tile: [64, D] keys and values per step
 _MAX_SPLITS = 64
-# Shortest slice a program takes: up to _MIN_SLICE filled slots a head is one program that writes
-# its output itself (no partials, no merge); 16k slots still spread over 64 slices.
-_MIN_SLICE = 256
+# Up to _ONE_PROGRAM filled slots a head is one program that writes its output itself (no
+# partials, no merge); longer rows take slices of at least _MIN_SLICE slots. On an H100 (8B shape,
+# scripts/bench_attention.py): 205 slots 7.9 us in one program against 8.7 us in four slices of
+# 64; 1030 slots 9.9 us in slices of 64 against 12.8 us in slices of 256.
+_ONE_PROGRAM = 256
+_MIN_SLICE = 64
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
@@ -160,7 +164,7 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_pos, stride_cb, qk_scale,
         N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        MIN_SLICE: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
+        ONE_PROGRAM: tl.constexpr, MIN_SLICE: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
         WRITE: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_start(PDL)  # programmatic dependent launch: see quant_matmul.pdl_launch
@@ -169,10 +173,10 @@ if HAS_TRITON:
         b = pid_h // N_KV_HEADS
         kvh = pid_h % N_KV_HEADS
         length = tl.load(pos_ptr + b * stride_pos).to(tl.int32) + 1
-        # Slices in use for this length: at most SPLITS, none shorter than MIN_SLICE slots, so a
-        # short context is one program per head that writes its output directly (no partials, no
-        # merge); the other programs leave at once.
-        active = tl.minimum(SPLITS, tl.cdiv(length, MIN_SLICE))
+        # Slices in use for this length: one up to ONE_PROGRAM slots (that program writes the
+        # output directly: no partials, no merge), else at most SPLITS of at least MIN_SLICE
+        # slots. Programs past them leave at once.
+        active = tl.where(length <= ONE_PROGRAM, 1, tl.minimum(SPLITS, tl.cdiv(length, MIN_SLICE)))
         per_split = tl.cdiv(tl.cdiv(length, active), BLOCK_S) * BLOCK_S
         start = pid_s * per_split
         end = tl.minimum(length, start + per_split)
@@ -312,7 +316,7 @@ def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int) -> int:
     """Most slices per kv head: enough programs for two per SM, never more than tiles in the
-    cache. The kernel uses fewer at short lengths (`_MIN_SLICE`)."""
+    cache. The kernel uses fewer at short lengths (`_ONE_PROGRAM`, `_MIN_SLICE`)."""
     splits = 1
     tiles = -(-slots // _BLOCK_S)
     while batch * n_kv_heads * splits < 2 * sms and splits < _MAX_SPLITS and splits * 2 <= tiles:
@@ -330,10 +334,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             input_pos: torch.Tensor, cos: torch.Tensor | None = None,
                             sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
                             new_v: torch.Tensor | None = None, splits: int | None = None,
-                            min_slice: int | None = None) -> torch.Tensor:
+                            one_program: int | None = None, min_slice: int | None = None
+                            ) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); arguments as the ref.
 
-    `splits` overrides `choose_splits` and `min_slice` `_MIN_SLICE` (tests, benchmarks). q, k
+    `splits`, `one_program` and `min_slice` override `choose_splits`, `_ONE_PROGRAM` and
+    `_MIN_SLICE` (tests, benchmarks). q, k
     and v must share one dtype. With new_k/new_v the kernel writes them into k and v.
     """
     _check(q, k, v, input_pos, cos, sin, new_k, new_v)
@@ -362,6 +368,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             input_pos.stride(0), 0 if cos is None else cos.stride(0), qk_scale,
             N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits,
+            ONE_PROGRAM=_ONE_PROGRAM if one_program is None else one_program,
             MIN_SLICE=_MIN_SLICE if min_slice is None else min_slice,
             PRECISION=q.dtype == torch.float32, ROPE=cos is not None, WRITE=write,
             num_warps=4, num_stages=2, **pdl_launch(q.device))
