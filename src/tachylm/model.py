@@ -12,7 +12,9 @@ Every projection is a `FusedLinear` (or a quantized Linear after build.py's swap
 with the element-wise steps around it as keywords: the RMSNorm before qkv, gate_up and the head
 (`norm=`), SiLU(gate) * up before down (`silu_mul=True`) and the residual adds after o and down
 (`residual=`). On the CPU these are the usual PyTorch ops; on a GPU the decode kernels do them
-while they read the weights (kernels/quant_matmul.py), so a layer costs six kernels.
+while they read the weights (kernels/quant_matmul.py); decode attention rotates q and k and
+writes the new key and value into the cache itself (kernels/attention.py), so a decode layer
+costs five kernels.
 
 Differences between families are flags on `ModelConfig`: grouped-query attention
 (n_kv_heads < n_heads), q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings
