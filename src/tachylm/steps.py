@@ -223,13 +223,13 @@ class Steps:
             raise ValueError(f"prompt ends at position {end}, past the context length "
                              f"{self.cache.max_seq_len}; shorten it or raise --max-seq-len")
         padded = padded_length(length, self.cache.max_seq_len - start_pos)
-        # Padding goes into cache slots past the prompt; they are masked until overwritten. The
-        # pad (even by 0) also makes `tokens` an inference tensor like every other input here, so
-        # compiled graphs see one kind of tensor and never recompile over it.
         graph_length = (prefill_graph_length(length, start_pos, self.cache.max_seq_len)
                         if self.prefill_graphs else None)
         if graph_length is not None:
             padded = graph_length
+        # Padding goes into cache slots past the prompt; they are masked until overwritten. The
+        # pad (even by 0) also makes `tokens` an inference tensor like every other input here, so
+        # compiled graphs see one kind of tensor and never recompile over it.
         tokens = torch.nn.functional.pad(tokens, (0, padded - length))
         logit_index = torch.full((batch,), length - 1, device=tokens.device)
         if graph_length is not None:

@@ -11,16 +11,16 @@ are a device tensor (no host sync, valid under CUDA graphs):
   each kv head once) and one of up to SPLITS equal slices of that row's filled length, computed on
   the device, so the work spreads over the GPU whatever the length (slices of at least
   `_MIN_SLICE` slots; a row of up to `_ONE_PROGRAM` slots is one program per head, which writes
-  its output directly). It
-  keeps an online softmax in float32 and stores a normalised partial output and its log-sum-exp.
-  The last program of a head to arrive (an atomic on a self-resetting counter, as the GEMV
-  kernels' split-K) merges the partials in a fixed order: one launch, deterministic results.
+  its output directly). It keeps an online softmax in float32 and stores a normalised partial
+  output and its log-sum-exp. The last program of a head to arrive (an atomic on a self-resetting
+  counter, as the GEMV kernels' split-K) merges the partials in a fixed order: one launch,
+  deterministic results.
 
 The kernel also does the steps around attention that would otherwise be kernels of their own in
 every layer: it rotates q (rotary embedding, Hugging Face's half-split order; pass the cos/sin of
 each row's position) and, given this step's key and value (`new_k`, `new_v`), rotates the key and
-writes both into the cache at the row's position (every program uses them for that slot, so no
-program reads the slot while it is written).
+writes both into the cache at the row's position (the program whose slice holds that slot
+attends to them from registers, so no program reads the slot while it is written).
 
 Layouts: q [B, H, D]; k, v [B, KVH, S, D] (the cache's layer views; the D axis contiguous);
 input_pos [B] integer, the position of each row's query, 0 <= input_pos[b] < S (it attends
@@ -164,8 +164,8 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_pos, stride_cb, qk_scale,
         N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        ONE_PROGRAM: tl.constexpr, MIN_SLICE: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
-        WRITE: tl.constexpr, PDL: tl.constexpr,
+        ONE_PROGRAM: tl.constexpr, MIN_SLICE: tl.constexpr, PRECISION: tl.constexpr,
+        ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_start(PDL)  # programmatic dependent launch: see quant_matmul.pdl_launch
         pid_h = tl.program_id(0)  # b * N_KV_HEADS + kv head
@@ -339,8 +339,8 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); arguments as the ref.
 
     `splits`, `one_program` and `min_slice` override `choose_splits`, `_ONE_PROGRAM` and
-    `_MIN_SLICE` (tests, benchmarks). q, k
-    and v must share one dtype. With new_k/new_v the kernel writes them into k and v.
+    `_MIN_SLICE` (tests, benchmarks). q, k and v must share one dtype. With new_k/new_v the
+    kernel writes them into k and v.
     """
     _check(q, k, v, input_pos, cos, sin, new_k, new_v)
     refusal = _kernel_refusal(q, k, v, cos, sin, new_k, new_v)
