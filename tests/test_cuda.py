@@ -61,22 +61,28 @@ def test_cuda_graph_decode_equals_eager_and_never_recompiles():
 
 
 def test_prefill_graphs_equal_eager_prefill():
-    """Short prompts from position 0 replay a captured graph per padded length: same logits and
-    cache as eager prefill, for a first capture and for later replays of other prompts."""
+    """Short prompts replay a captured graph per padded length: same logits and cache as eager
+    prefill, for a first capture and for later replays of other prompts, from position 0 and
+    after earlier turns (whose slots the graph must leave alone)."""
     model = build_random_model(CONFIG, device="cuda", dtype=torch.float32, seed=0, std=0.1)
     eager, graphs = _steps(model, "cuda"), _steps(model, "cuda", prefill_graphs=True)
     gen = torch.Generator().manual_seed(0)
-    for length in (5, 16, 9, 17, 40, 130):
+
+    def same(start, length):
         tokens = torch.randint(0, 1000, (1, length), generator=gen).cuda()
-        want, got = eager.prefill(tokens, 0), graphs.prefill(tokens, 0)
-        assert (want - got).abs().max() <= 1e-4 * want.abs().max(), length
+        want, got = eager.prefill(tokens, start), graphs.prefill(tokens, start)
+        assert (want - got).abs().max() <= 1e-4 * want.abs().max(), (start, length)
         for a, b in zip(eager.cache.k + eager.cache.v, graphs.cache.k + graphs.cache.v):
-            assert (a[:, :, :length] - b[:, :, :length]).abs().max() <= 1e-4 * a.abs().max()
-    assert sorted(graphs._prefill_graphs) == [(1, 16), (1, 32), (1, 64), (1, 256)]
-    # past position 0 (a chat's next turn) prefill stays eager
-    tokens = torch.randint(0, 1000, (1, 6), generator=gen).cuda()
-    want, got = eager.prefill(tokens, 40), graphs.prefill(tokens, 40)
-    assert (want - got).abs().max() <= 1e-4 * want.abs().max()
+            filled = slice(0, start + length)
+            assert (a[:, :, filled] - b[:, :, filled]).abs().max() <= 1e-4 * a.abs().max()
+
+    for length in (5, 16, 9, 17, 40, 130):
+        same(0, length)
+    # a conversation: each turn goes on at the position where the history ends
+    for start, length in ((40, 6), (46, 12), (58, 30), (88, 3)):
+        same(start, length)
+    assert sorted(graphs._prefill_graphs) == [(1, 16, False), (1, 16, True), (1, 32, False),
+                                              (1, 32, True), (1, 64, True), (1, 256, True)]
 
 
 def _tiny_checkpoint_folder(folder):

@@ -153,3 +153,24 @@ def test_unranked_plan_draws_the_same_tokens_as_ranking():
     assert torch.equal(tokens[0], tokens[1])
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, top_k=20, top_p=1.0),  # unranked
+    SamplingParams(temperature=0.7, top_k=30, top_p=0.9),  # ranked pairwise
+    SamplingParams(temperature=0.7, top_k=600, top_p=0.9),  # sorted
+])
+def test_sixteen_bit_logits_select_the_same_candidates(dtype, params):
+    """Logits in the model's 16-bit dtype pick the candidates on the 16-bit values: the same
+    tokens as the float32 copy of the same values, draw for draw (16-bit values tie often; the
+    CPU's topk breaks ties alike for both dtypes)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(4, 3000, generator=gen) * 4).to(dtype)
+    settings = to_tensors([params] * 4, "cpu")
+    plan = plan_for([params], 3000)
+    draws = []
+    for x in (logits, logits.float()):
+        torch.manual_seed(11)
+        draws.append(torch.stack([sample(x, settings, plan) for _ in range(50)]))
+    assert torch.equal(draws[0], draws[1])

@@ -158,13 +158,17 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
     """Pick one token per row.
 
     Args:
-        logits: [B, V] float32.
+        logits: [B, V] float32, or bfloat16/float16 (a model's own output dtype, computed in
+            float32 here; without a repetition penalty the top-k candidates are then selected
+            on the 16-bit values, where a radix select takes half the passes, in the same order:
+            the temperature is a positive factor per row).
         settings: per-row settings.
         plan: static choice of operations (see `plan_for`).
         seen: [B, V] bool, tokens already in the sequence (needed when plan.penalize).
     Returns:
         [B] long token ids.
     """
+    select = logits if logits.dtype in (torch.bfloat16, torch.float16) and not plan.penalize else None
     logits = logits.float()
     if plan.penalize:
         penalty = settings.repetition_penalty[:, None]
@@ -172,12 +176,15 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         logits = torch.where(seen, penalized, logits)
     scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
     if plan.candidates:
-        if not plan.rank or plan.candidates <= PAIRWISE_RANKS:
-            values, indices = scaled.topk(plan.candidates, dim=-1, sorted=False)
-            descending = False
-        else:
-            values, indices = scaled.topk(plan.candidates, dim=-1)  # sorted, descending
+        # Sorted only past PAIRWISE_RANKS candidates; fewer are ranked pairwise. (A Python branch:
+        # under torch.compile the plan's integers may be symbolic, and topk's `sorted` must not.)
+        if plan.rank and plan.candidates > PAIRWISE_RANKS:
             descending = True
+        else:
+            descending = False
+        source = scaled if select is None else select
+        _, indices = source.topk(plan.candidates, dim=-1, sorted=descending)
+        values = scaled.gather(-1, indices)
         if plan.rank:
             probs = _filtered_probs(values, settings, descending)
         else:  # every sampled row keeps every candidate

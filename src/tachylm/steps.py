@@ -9,8 +9,8 @@ reads its inputs from persistent, static-address buffers that `Steps` owns and f
 CUDA graphs copy none of them. Prefill pads the prompt to a multiple of `PREFILL_MULTIPLE` so
 compiled prefill sees few distinct shapes, and returns the logits of each row's last real token only.
 Next to compiled decode on a GPU, a short prompt's prefill (up to max(PREFILL_GRAPH_LENGTHS)
-tokens from position 0) replays a CUDA graph captured per padded length instead of launching
-every kernel from Python.
+tokens, a first prompt or a chat's next turn) replays a CUDA graph captured per padded length
+instead of launching every kernel from Python.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from tachylm.model import Transformer
 from tachylm.sampling import SamplingPlan, SamplingTensors, sample
 
 PREFILL_MULTIPLE = 16
-# Prompt lengths (after padding) whose prefill from position 0 replays a captured CUDA graph when
-# decode is compiled on a GPU. A short prompt's eager prefill is bound by the host launching ~20
-# kernels a layer (48 ms for 5 tokens of the Llama-3.1-8B shape on an H100, BENCHMARKS.md), far
-# more than its GPU work; from a few hundred tokens the GPU work hides the launches.
+# Prompt lengths (after padding) whose prefill replays a captured CUDA graph when decode is
+# compiled on a GPU. A short prompt's eager prefill is bound by the host launching ~20 kernels a
+# layer (48 ms for 5 tokens of the Llama-3.1-8B shape on an H100, BENCHMARKS.md), far more than
+# its GPU work; from a few hundred tokens the GPU work hides the launches.
 PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256)
 
 
@@ -40,30 +40,35 @@ def padded_length(length: int, limit: int) -> int:
 
 def prefill_graph_length(length: int, start_pos: int, max_seq_len: int) -> int | None:
     """The captured prefill length that serves a prompt of `length` tokens at `start_pos`, or None
-    where prefill runs eagerly (prompts past position 0, longer than the longest graph, or whose
-    graph would not fit the cache)."""
-    if start_pos != 0:
-        return None
-    return next((n for n in PREFILL_GRAPH_LENGTHS if length <= n <= max_seq_len), None)
+    where prefill runs eagerly (longer than the longest graph, or padded past the cache's end)."""
+    return next((n for n in PREFILL_GRAPH_LENGTHS if length <= n and start_pos + n <= max_seq_len),
+                None)
 
 
 class _PrefillGraph:
-    """Prefill of one padded length from position 0, captured as a CUDA graph over fixed input
-    buffers. Replaying it writes the prompt's keys and values into the cache and leaves the
-    logits of each row's last real token in `logits`."""
+    """Prefill of one padded length, captured as a CUDA graph over fixed input buffers. Replaying
+    it writes the prompt's keys and values into the cache and leaves the logits of each row's last
+    real token in `logits`.
 
-    def __init__(self, steps: "Steps", batch: int, length: int, pool) -> None:
-        device = steps.device
-        self.tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
-        self.logit_index = torch.zeros(batch, dtype=torch.long, device=device)
-        # Every tensor the graph reads must outlive it: the graph holds addresses, not tensors.
-        self.input_pos = torch.arange(length, device=device).expand(batch, -1)
+    A graph for prompts at position 0 attends over the prompt's own slots (kv_limit = its
+    length); one for later prompts (a chat's next turn) over the whole cache, masked by position,
+    since where the history ends changes from call to call.
+    """
+
+    def __init__(self, steps: "Steps", tokens: torch.Tensor, input_pos: torch.Tensor,
+                 logit_index: torch.Tensor, kv_limit: int | None, pool) -> None:
+        # The buffers start with the first call's inputs, so the run before the capture writes
+        # the cache exactly as the replay will (a prompt past position 0 must leave the earlier
+        # slots alone). Every tensor the graph reads must outlive it: it holds addresses.
+        self.tokens, self.input_pos = tokens.clone(), input_pos.clone()
+        self.logit_index = logit_index.clone()
 
         def run():
-            return steps._prefill_impl(self.tokens, self.input_pos, self.logit_index, length)
+            return steps._prefill_impl(self.tokens, self.input_pos, self.logit_index, kv_limit)
 
-        # A first run outside the capture tunes and sets up the kernels (their first call must
-        # not be captured); it writes slots 0..length-1 of the cache, as every replay does.
+        # The first run, outside the capture, also tunes and sets up the kernels (their first
+        # call must not be captured).
+        device = steps.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -73,10 +78,11 @@ class _PrefillGraph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = run()
 
-    def __call__(self, tokens: torch.Tensor, logit_index: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.logit_index.copy_(logit_index)
-        self.graph.replay()
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor,
+                 logit_index: torch.Tensor) -> torch.Tensor:
+        torch._foreach_copy_([self.tokens, self.input_pos, self.logit_index],
+                             [tokens, input_pos, logit_index])
+        self.graph.replay()  # (a first call replays what its capture run did: the same writes)
         return self.logits.clone()  # the next replay overwrites `logits`
 
 
@@ -114,9 +120,9 @@ class Steps:
         cache: its KV cache (batch size and length fixed here).
         compile_decode: compile the decode step (CUDA graphs on a GPU).
         compile_prefill: compile prefill (dynamic length, so prompts do not recompile).
-        prefill_graphs: replay prefills of up to max(PREFILL_GRAPH_LENGTHS) tokens from position
-            0 as CUDA graphs, one captured per length at its first use (CUDA only; None = when
-            decode is compiled on a GPU and prefill is not).
+        prefill_graphs: replay prefills of up to max(PREFILL_GRAPH_LENGTHS) tokens as CUDA
+            graphs, one captured per padded length (and for position 0 or later) at its first use
+            (CUDA only; None = when decode is compiled on a GPU and prefill is not).
         backend: torch.compile backend ("inductor"; "eager"/"aot_eager" for fast CPU tests).
         tuning: Inductor's coordinate-descent tuning on CUDA. It finds better launch parameters
             for matrix-vector products Inductor generates itself (models without FastLinear or
@@ -138,7 +144,7 @@ class Steps:
         elif prefill_graphs and not on_gpu:
             raise ValueError(f"prefill_graphs needs the cache on a CUDA device, not {cache.device}")
         self.prefill_graphs = prefill_graphs
-        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._prefill_graphs: dict[tuple[int, int, bool], _PrefillGraph] = {}
         self._graph_pool = None
         self.backend = backend
         self.tuning = tuning
@@ -169,7 +175,9 @@ class Steps:
 
     def _decode_impl(self, token, input_pos, settings, seen, plan, kv_limit=None):
         logits = self.model(token, input_pos, self.cache, kv_limit=kv_limit)[:, -1]
-        return sample(logits, settings, plan, seen), logits
+        # The float32 logits hold the head's output exactly: handed to sampling in the model's
+        # dtype, a 16-bit one selects the top-k candidates in half the radix passes.
+        return sample(logits.to(self.model.embed.weight.dtype), settings, plan, seen), logits
 
     def _decode_fn(self, plan: SamplingPlan) -> Callable:
         fn = self._decode_fns.get(plan)
@@ -232,15 +240,17 @@ class Steps:
         # compiled graphs see one kind of tensor and never recompile over it.
         tokens = torch.nn.functional.pad(tokens, (0, padded - length))
         logit_index = torch.full((batch,), length - 1, device=tokens.device)
+        input_pos = torch.arange(start_pos, start_pos + padded, device=tokens.device).expand(batch, -1)
         if graph_length is not None:
-            graph = self._prefill_graphs.get((batch, graph_length))
+            key = (batch, graph_length, start_pos == 0)
+            graph = self._prefill_graphs.get(key)
             if graph is None:
                 if self._graph_pool is None:
                     self._graph_pool = torch.cuda.graph_pool_handle()
-                graph = _PrefillGraph(self, batch, graph_length, self._graph_pool)
-                self._prefill_graphs[batch, graph_length] = graph
-            return graph(tokens, logit_index)
-        input_pos = torch.arange(start_pos, start_pos + padded, device=tokens.device).expand(batch, -1)
+                graph = _PrefillGraph(self, tokens, input_pos, logit_index,
+                                      graph_length if start_pos == 0 else None, self._graph_pool)
+                self._prefill_graphs[key] = graph
+            return graph(tokens, input_pos, logit_index)
         if self.compile_prefill:
             return self._prefill_fn(tokens, input_pos, logit_index).clone()
         return self._prefill_fn(tokens, input_pos, logit_index, start_pos + padded)
