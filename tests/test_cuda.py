@@ -81,7 +81,7 @@ def test_prefill_graphs_equal_eager_prefill():
     # a conversation: each turn goes on at the position where the history ends
     for start, length in ((40, 6), (46, 12), (58, 30), (88, 3)):
         same(start, length)
-    assert sorted(graphs._prefill_graphs) == [(1, 16, False), (1, 16, True), (1, 32, False),
+    assert sorted(graphs._captured_prefills) == [(1, 16, False), (1, 16, True), (1, 32, False),
                                               (1, 32, True), (1, 64, True), (1, 256, True)]
 
 

@@ -144,7 +144,7 @@ class Steps:
         elif prefill_graphs and not on_gpu:
             raise ValueError(f"prefill_graphs needs the cache on a CUDA device, not {cache.device}")
         self.prefill_graphs = prefill_graphs
-        self._prefill_graphs: dict[tuple[int, int, bool], _PrefillGraph] = {}
+        self._captured_prefills: dict[tuple[int, int, bool], _PrefillGraph] = {}
         self._graph_pool = None
         self.backend = backend
         self.tuning = tuning
@@ -243,13 +243,13 @@ class Steps:
         input_pos = torch.arange(start_pos, start_pos + padded, device=tokens.device).expand(batch, -1)
         if graph_length is not None:
             key = (batch, graph_length, start_pos == 0)
-            graph = self._prefill_graphs.get(key)
+            graph = self._captured_prefills.get(key)
             if graph is None:
                 if self._graph_pool is None:
                     self._graph_pool = torch.cuda.graph_pool_handle()
                 graph = _PrefillGraph(self, tokens, input_pos, logit_index,
                                       graph_length if start_pos == 0 else None, self._graph_pool)
-                self._prefill_graphs[key] = graph
+                self._captured_prefills[key] = graph
             return graph(tokens, input_pos, logit_index)
         if self.compile_prefill:
             return self._prefill_fn(tokens, input_pos, logit_index).clone()
