@@ -2,9 +2,10 @@
 
     PYTHONPATH=src python3 scripts/bench_sampling.py [BATCH ...]   (default: 1 8 16)
 
-For V = 128256 and each batch size: torch.topk(200, sorted=False), and the whole `sample()` of the
-bench's setting (temperature 0.8, top_k 200, top_p 1) with the candidates ranked pairwise (as
-before `SamplingPlan.rank`) and without (today's plan). Each is compiled with
+For V = 128256 and each batch size: torch.topk(200, sorted=False) over float32 and bfloat16
+logits, and the whole `sample()` of the bench's setting (temperature 0.8, top_k 200, top_p 1) with
+the candidates ranked pairwise (as before `SamplingPlan.rank`) and without (today's plan), given
+float32 logits or bfloat16 ones (what decode hands it for a bfloat16 model). Each is compiled with
 torch.compile(mode="reduce-overhead") (CUDA graphs, as decode runs it) and checked before it is
 timed. Timing: CUDA events around blocks of back-to-back calls queued behind a GPU sleep, so host
 launch gaps are not counted; the median block's time per call, in microseconds.
@@ -70,14 +71,23 @@ def main(batches: list[int]) -> None:
             values, indices = fn(logits)
         assert torch.equal(values.sort(dim=-1, descending=True).values, want.values)
         print(f"batch {batch:2d}  {'torch.topk':24s} {microseconds(fn, logits):8.1f} us")
+        logits16 = logits.to(torch.bfloat16)  # what decode hands sample() for a bf16 model
+        torch._dynamo.mark_static_address(logits16)
+        for _ in range(3):
+            values, indices = fn(logits16)
+        assert torch.equal(values.sort(dim=-1, descending=True).values,
+                           logits16.topk(K, dim=-1).values)
+        print(f"batch {batch:2d}  {'torch.topk bfloat16':24s} {microseconds(fn, logits16):8.1f} us")
         plan = plan_for([PARAMS], VOCAB)
         for name, variant_plan in [("sample() ranked", dataclasses.replace(plan, rank=True)),
                                    ("sample() unranked", plan)]:
             fn = compiled(functools.partial(sample, plan=variant_plan))
-            for _ in range(3):
-                tokens = fn(logits, settings)
-            assert (tokens[:, None] == want.indices).any(dim=-1).all(), name
-            print(f"batch {batch:2d}  {name:24s} {microseconds(fn, logits, settings):8.1f} us")
+            for x, dtype_name in ((logits, ""), (logits16, ", bfloat16 logits")):
+                for _ in range(3):
+                    tokens = fn(x, settings)
+                assert (tokens[:, None] == x.topk(K, dim=-1).indices).any(dim=-1).all(), name
+                print(f"batch {batch:2d}  {name + dtype_name:24s} "
+                      f"{microseconds(fn, x, settings):8.1f} us")
 
 
 if __name__ == "__main__":
