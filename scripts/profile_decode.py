@@ -1,7 +1,8 @@
 """Where does a compiled decode step spend its time? Kernel totals vs wall time (GPU only).
 
-Usage: PYTHONPATH=src python3 scripts/profile_decode.py [shape] [--layers N] [--quant MODE] [--tuning]
-    [--pdl]
+Usage: PYTHONPATH=src python3 scripts/profile_decode.py [shape] [--layers N] [--quant MODE]
+    [--group-size G] [--quant-head] [--tuning]
+    [--pdl] [--sequence]
 With --layers N the shape keeps N layers (faster to compile; per-layer kernels are the same).
 """
 import argparse
@@ -25,9 +26,13 @@ parser = argparse.ArgumentParser()
 parser.add_argument("shape", nargs="?", default="llama-3.1-8b")
 parser.add_argument("--layers", type=int)
 parser.add_argument("--quant")
+parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
+parser.add_argument("--quant-head", action="store_true", help="quantize the output head too")
 parser.add_argument("--top", type=int, default=40)
 parser.add_argument("--tuning", action="store_true", help="coordinate-descent tuning on")
 parser.add_argument("--pdl", action="store_true", help="programmatic dependent launch on")
+parser.add_argument("--sequence", action="store_true",
+                    help="also list the kernels of the last profiled token in launch order")
 args = parser.parse_args()
 use_pdl(args.pdl)
 config = SHAPES[args.shape]
@@ -35,7 +40,7 @@ if args.layers:
     config = dataclasses.replace(config, n_layers=args.layers)
 model = build_random_model(config, device="cuda", dtype=torch.bfloat16, max_seq_len=256)
 if args.quant:
-    apply_quant_option(model, args.quant)
+    apply_quant_option(model, args.quant, args.group_size, args.quant_head)
 use_fast_linears(model)
 cache = KVCache(config.n_layers, 1, 256, config.n_kv_heads, config.head_dim, device="cuda",
                 dtype=torch.bfloat16)
@@ -59,3 +64,15 @@ print(f"kernel time per token {total / 50 / 1000:.3f} ms; wall per token "
       f"{1000 / gen.stats.decode_tokens_per_s:.3f} ms; ~{launches / 50:.0f} kernels per token")
 for e in sorted(events, key=lambda e: -e.device_time_total)[:args.top]:
     print(f"{e.device_time_total / 50:9.1f} us/token  {e.count / 50:6.1f}x  {e.key[:120]}")
+if args.sequence:
+    # The GPU activity of the last token: kernels (and copies) in start order, each with its
+    # duration and the idle time since the previous one ended.
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per_token = round(len(kernels) / 50)
+    print(f"last token: {per_token} kernels")
+    previous_end = None
+    for e in kernels[-per_token:]:
+        gap = 0.0 if previous_end is None else e.time_range.start - previous_end
+        previous_end = e.time_range.end
+        print(f"{e.time_range.elapsed_us():8.1f} us  gap {gap:6.1f}  {e.name[:100]}")

@@ -10,8 +10,8 @@ stacked along the output dimension (build.py does the stacking).
 
 Every projection is a `FusedLinear` (or a quantized Linear after build.py's swap) and is called
 with the element-wise steps around it as keywords: the RMSNorm before qkv, gate_up and the head
-(`norm=`), SiLU(gate) * up before down (`silu_mul=True`) and the residual adds after o and down
-(`residual=`). On the CPU these are the usual PyTorch ops; on a GPU the decode kernels do them
+(`norm=`), SiLU(gate) * up as gate_up's output (`swiglu=True`) and the residual adds after o and
+down (`residual=`). On the CPU these are the usual PyTorch ops; on a GPU the decode kernels do them
 while they read the weights (kernels/quant_matmul.py); decode attention rotates q and k and
 writes the new key and value into the cache itself (kernels/attention.py), so a decode layer
 costs five kernels.
@@ -142,8 +142,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """x + down(SiLU(gate) * up) of norm(x): the norm, SiLU-multiply and residual add happen
         in the projections."""
-        gate_up = self.gate_up_proj(x, norm=norm.fused())  # [..., 2 * ffn_dim] = [gate | up]
-        return self.down_proj(gate_up, silu_mul=True, residual=x)
+        hidden = self.gate_up_proj(x, norm=norm.fused(), swiglu=True)  # [..., ffn_dim]
+        return self.down_proj(hidden, residual=x)
 
 
 class Block(nn.Module):

@@ -2,9 +2,9 @@
 
 A transformer layer's decode step is a few matrix-vector products with small element-wise steps
 between them (RMSNorm, SiLU(gate) * up, the residual adds). `FusedLinear` is an `nn.Linear` whose
-forward takes them as keywords, `forward(x, norm=(weight, eps), silu_mul=..., residual=...)`, and
-computes `residual + W @ prologue(x) + b` in PyTorch ops (`quant_matmul.dense_linear_ref`); the
-model builds every projection as one. `FastLinear` computes the same with `dense_linear`: on CUDA
+forward takes them as keywords, `forward(x, norm=(weight, eps), swiglu=..., residual=...)`, and
+computes `residual + epilogue(W @ prologue(x) + b)` in PyTorch ops
+(`quant_matmul.dense_linear_ref`); the model builds every projection as one. `FastLinear` computes the same with `dense_linear`: on CUDA
 for decode-sized inputs the Triton GEMV kernels do the fusion while they read the weight, so each
 step costs no kernel of its own; elsewhere (CPU, prefill-sized inputs, float32 with several rows,
 autograd) it is `F.linear` with the fusion around it. The quantized Linears of `tachylm.quant`
@@ -26,29 +26,29 @@ from tachylm.kernels.quant_matmul import dense_linear, dense_linear_ref
 class FusedLinear(nn.Linear):
     """`nn.Linear` whose forward also takes the fusions (PyTorch ops; see the module docstring)."""
 
-    def forward(self, x: torch.Tensor, *, norm: Optional[tuple] = None, silu_mul: bool = False,
+    def forward(self, x: torch.Tensor, *, norm: Optional[tuple] = None, swiglu: bool = False,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """residual + prologue(x) @ weight.T + bias.
+        """residual + epilogue(prologue(x) @ weight.T + bias).
 
         Args:
-            x: [..., in_features] ([..., 2 * in_features] = [gate | up] with silu_mul).
+            x: [..., in_features].
             norm: optional (weight [in_features], eps): RMSNorm x first.
-            silu_mul: the product's input is SiLU(gate) * up.
-            residual: optional [..., out_features], added to the result.
+            swiglu: the weight's rows are [gate; up] halves: return SiLU(gate) * up.
+            residual: optional, of the result's shape, added to the result.
         Returns:
-            [..., out_features].
+            [..., out_features] ([..., out_features / 2] with swiglu).
         """
-        return dense_linear_ref(x, self.weight, self.bias, norm=norm, silu_mul=silu_mul,
+        return dense_linear_ref(x, self.weight, self.bias, norm=norm, swiglu=swiglu,
                                 residual=residual)
 
 
 class FastLinear(FusedLinear):
     """`FusedLinear` computed by `dense_linear` (Triton GEMV with the fusion, on CUDA)."""
 
-    def forward(self, x: torch.Tensor, *, norm: Optional[tuple] = None, silu_mul: bool = False,
+    def forward(self, x: torch.Tensor, *, norm: Optional[tuple] = None, swiglu: bool = False,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """As `FusedLinear.forward`."""
-        return dense_linear(x, self.weight, self.bias, norm=norm, silu_mul=silu_mul,
+        return dense_linear(x, self.weight, self.bias, norm=norm, swiglu=swiglu,
                             residual=residual)
 
 

@@ -15,11 +15,12 @@ This file owns the numerics of `y = x @ w.T + bias` for the three quantized weig
   they apply (CUDA, x and weight of one dtype, few rows, no autograd); `F.linear` otherwise.
 
 Every dispatcher also takes the element-wise steps of a decoder layer around the product
-(`Fusion`): `norm=(weight, eps)` (RMSNorm of x first), `silu_mul=True` (x = [gate | up], multiply
-SiLU(gate) * up first) and `residual=` (added to the result). The one-row kernel does all three;
-the tensor-core kernel does the residual and leaves the prologue to PyTorch ops before it (inside
-it cost int4 decode 7%; the kernel still supports it and the tests cover it); the cuBLAS paths do
-them as PyTorch ops (`fused_linear_ref`), where torch.compile fuses them with their neighbours.
+(`Fusion`): `norm=(weight, eps)` (RMSNorm of x first), `swiglu=True` (the product is [gate | up]:
+return SiLU(gate) * up) and `residual=` (added to the result). The one-row kernel does all three;
+the tensor-core kernel does SwiGLU and the residual and leaves the RMSNorm to PyTorch ops before
+it (inside it cost int4 decode 7%; the kernel still supports it and the tests cover it); the cuBLAS
+paths do them as PyTorch ops (`fused_linear_ref`), where torch.compile fuses them with their
+neighbours.
 
 Canonical layouts (the kernels read them as they are; there is no repacking step):
 
@@ -165,32 +166,32 @@ class Fusion(NamedTuple):
     The decode step of a transformer layer is a chain of matrix-vector products with small
     element-wise steps between them; each step as its own kernel costs a launch and a pass over
     the activations. The GEMV kernels do them in place: the RMSNorm of x (a sum of squares gathered
-    while x is read, applied to the result as one scale per row), SiLU(gate) * up, and the
-    residual add as the result is written.
+    while x is read, applied to the result as one scale per row), SiLU(gate) * up as the gate and
+    up rows' results meet in one program, and the residual add as the result is written.
 
     Attributes:
         norm_weight: RMSNorm x first with this weight [K] (and `eps`): `rms_norm_ref`.
         eps: the RMSNorm epsilon.
-        silu_mul: x is [..., 2K] = [gate | up]; the product's input is SiLU(gate) * up.
-        residual: [..., N] in x's dtype, added to the result.
+        swiglu: the weight is [gate; up] (N = 2H rows); the result is SiLU(gate) * up, [..., H].
+        residual: [..., N] ([..., H] with swiglu) in x's dtype, added to the result.
     """
 
     norm_weight: Optional[torch.Tensor] = None
     eps: float = 0.0
-    silu_mul: bool = False
+    swiglu: bool = False
     residual: Optional[torch.Tensor] = None
 
 
 NO_FUSION = Fusion()
 
 
-def make_fusion(norm: Optional[tuple] = None, silu_mul: bool = False,
+def make_fusion(norm: Optional[tuple] = None, swiglu: bool = False,
                 residual: Optional[torch.Tensor] = None) -> Fusion:
-    """The public keyword arguments (`norm=(weight, eps)`, `silu_mul`, `residual`) as a Fusion."""
+    """The public keyword arguments (`norm=(weight, eps)`, `swiglu`, `residual`) as a Fusion."""
     if norm is None:
-        return Fusion(None, 0.0, bool(silu_mul), residual)
+        return Fusion(None, 0.0, bool(swiglu), residual)
     weight, eps = norm
-    return Fusion(weight, float(eps), bool(silu_mul), residual)
+    return Fusion(weight, float(eps), bool(swiglu), residual)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -205,27 +206,32 @@ def linear_input_ref(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
     """What the product of a fused linear layer multiplies: x after the fusion's prologue."""
     if fusion.norm_weight is not None:
         x = rms_norm_ref(x, fusion.norm_weight, fusion.eps)
-    if fusion.silu_mul:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
     return x
 
 
+def swiglu_ref(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of y = [..., gate | up] (two halves of the last dimension)."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def fused_linear_ref(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
-    """residual + linear(prologue(x)) in PyTorch ops, for any `linear` callable."""
+    """residual + epilogue(linear(prologue(x))) in PyTorch ops, for any `linear` callable."""
     y = linear(linear_input_ref(x, fusion))
+    if fusion.swiglu:
+        y = swiglu_ref(y)
     return y if fusion.residual is None else fusion.residual + y
 
 
 def _is_fused(fusion: Fusion) -> bool:
-    return fusion.norm_weight is not None or fusion.silu_mul or fusion.residual is not None
+    return fusion.norm_weight is not None or fusion.swiglu or fusion.residual is not None
 
 
-def _check_fusion(name: str, x: torch.Tensor, k: int, n: int, fusion: Fusion) -> int:
-    """Check a fusion against a weight [N, K]; return the width x must have (2K with silu_mul)."""
-    if fusion.silu_mul and fusion.norm_weight is not None:
-        raise ValueError(f"{name}: norm and silu_mul cannot be fused into one layer; apply one "
-                         "outside")
+def _check_fusion(name: str, x: torch.Tensor, k: int, n: int, fusion: Fusion) -> None:
+    """Check a fusion against a weight [N, K] and x [..., K]."""
+    if fusion.swiglu and n % 2:
+        raise ValueError(f"{name}: swiglu needs a weight of [gate; up] halves, an even number of "
+                         f"rows; this one has {n}")
     w = fusion.norm_weight
     if w is not None:
         if tuple(w.shape) != (k,) or not w.is_floating_point() or w.device != x.device:
@@ -234,12 +240,12 @@ def _check_fusion(name: str, x: torch.Tensor, k: int, n: int, fusion: Fusion) ->
         if not fusion.eps >= 0:
             raise ValueError(f"{name}: the norm epsilon must be >= 0, got {fusion.eps}")
     r = fusion.residual
-    if r is not None and (tuple(r.shape) != (*x.shape[:-1], n) or r.dtype != x.dtype
+    n_out = n // 2 if fusion.swiglu else n
+    if r is not None and (tuple(r.shape) != (*x.shape[:-1], n_out) or r.dtype != x.dtype
                           or r.device != x.device):
         raise ValueError(f"{name}: the residual must be a {x.dtype} tensor of shape "
-                         f"{[*x.shape[:-1], n]} on {x.device}, got {r.dtype} {list(r.shape)} "
+                         f"{[*x.shape[:-1], n_out]} on {x.device}, got {r.dtype} {list(r.shape)} "
                          f"on {r.device}")
-    return 2 * k if fusion.silu_mul else k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +285,8 @@ def _check_rowwise(name: str, want: torch.dtype, x, qweight, scale, bias,
     if qweight.dtype != want or qweight.dim() != 2:
         raise ValueError(f"{name}: qweight must be a 2-D {want} tensor [N, K], got "
                          f"{qweight.dtype} of shape {list(qweight.shape)}")
-    width = _check_fusion(name, x, qweight.shape[1], qweight.shape[0], fusion)
-    _check_common(name, x, qweight, bias, width)
+    _check_common(name, x, qweight, bias, qweight.shape[1])
+    _check_fusion(name, x, qweight.shape[1], qweight.shape[0], fusion)
     _check_scale(name, "scale", scale, (qweight.shape[0],), qweight.device)
 
 
@@ -296,7 +302,8 @@ def _check_int4(x, qweight, scale, zero, group_size, bias, fusion: Fusion = NO_F
     if k % group_size:
         raise ValueError(f"{name}: K = {k} (2 * qweight.shape[1]) is not a multiple of "
                          f"group_size {group_size}")
-    _check_common(name, x, qweight, bias, _check_fusion(name, x, k, n, fusion))
+    _check_common(name, x, qweight, bias, k)
+    _check_fusion(name, x, k, n, fusion)
     _check_scale(name, "scale", scale, (n, k // group_size), qweight.device)
     _check_scale(name, "zero", zero, (n, k // group_size), qweight.device)
 
@@ -366,21 +373,20 @@ def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     *, norm: Optional[tuple] = None, silu_mul: bool = False,
+                     *, norm: Optional[tuple] = None, swiglu: bool = False,
                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference y = residual + prologue(x) @ weight.T + bias: `F.linear` itself (cuBLAS on CUDA),
-    with its contract, and the fusion (`Fusion`) as PyTorch ops around it.
+    """Reference y = residual + epilogue(prologue(x) @ weight.T + bias): `F.linear` itself (cuBLAS
+    on CUDA), with its contract, and the fusion (`Fusion`) as PyTorch ops around it.
 
     Args:
-        x: [..., K] ([..., 2K] with silu_mul); weight: [N, K] and bias: optional [N], both in x's
-            dtype.
-        norm, silu_mul, residual: as `int8_linear`.
+        x: [..., K]; weight: [N, K] and bias: optional [N], both in x's dtype.
+        norm, swiglu, residual: as `int8_linear`.
     Returns:
-        [..., N] in x's dtype.
+        [..., N] ([..., N/2] with swiglu) in x's dtype.
     Raises:
         ValueError: a norm weight or residual that does not fit the weight and x.
     """
-    fusion = make_fusion(norm, silu_mul, residual)
+    fusion = make_fusion(norm, swiglu, residual)
     if not _is_fused(fusion):
         return F.linear(x, weight, bias)
     if weight.dim() == 2:  # other shapes: F.linear raises its own error
@@ -510,13 +516,11 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _load_x(x_ptr, x_offs, k_offs, mask, K, g_ptr, PROLOGUE: tl.constexpr,
-                MASKED: tl.constexpr):
+    def _load_x(x_ptr, x_offs, k_offs, mask, g_ptr, PROLOGUE: tl.constexpr, MASKED: tl.constexpr):
         """The product's input at x_offs (k at k_offs) after the prologue, float32, and x itself
         (float32; what the RMSNorm's sum of squares adds up).
 
-        PROLOGUE 0: x. 1 (RMSNorm): x * g[k]; the 1 / rms factor is applied to the result. 2: x is
-        [gate | up] of width 2K; SiLU(gate) * up.
+        PROLOGUE 0: x. 1 (RMSNorm): x * g[k]; the 1 / rms factor is applied to the result.
         """
         if MASKED:
             x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
@@ -528,18 +532,11 @@ if HAS_TRITON:
             else:
                 g = tl.load(g_ptr + k_offs).to(tl.float32)
             return x * g, x
-        elif PROLOGUE == 2:
-            if MASKED:
-                up = tl.load(x_ptr + x_offs + K, mask=mask, other=0.0).to(tl.float32)
-            else:
-                up = tl.load(x_ptr + x_offs + K).to(tl.float32)
-            return x * tl.sigmoid(x) * up, x
         else:
             return x, x
 
     @triton.jit
-    def _x_tile(x_ptr, x_offs, k_offs, mask, K, g_ptr, PROLOGUE: tl.constexpr,
-                MASKED: tl.constexpr):
+    def _x_tile(x_ptr, x_offs, k_offs, mask, g_ptr, PROLOGUE: tl.constexpr, MASKED: tl.constexpr):
         """The tensor-core kernel's x tile in x's dtype (after the prologue, rounded), and x in
         float32 for the RMSNorm's sum of squares (with PROLOGUE 0 the tile itself, unused)."""
         if PROLOGUE == 0:
@@ -549,28 +546,62 @@ if HAS_TRITON:
                 xt = tl.load(x_ptr + x_offs)
             return xt, xt
         else:
-            xf, x_in = _load_x(x_ptr, x_offs, k_offs, mask, K, g_ptr, PROLOGUE, MASKED)
+            xf, x_in = _load_x(x_ptr, x_offs, k_offs, mask, g_ptr, PROLOGUE, MASKED)
             return xf.to(x_ptr.dtype.element_ty), x_in
 
     @triton.jit
-    def _write_out(acc, offs_n, offs_m, M, N, b_ptr, r_ptr, out_ptr, stride_om,
-                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-        # acc: [BLOCK_N, BLOCK_M] float32 = out^T for this program's rows. The residual shares
-        # out's layout [M, N].
-        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    def _row_block(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+        """(offs_n, rows): the weight rows of row block pid_n. offs_n holds N where a row lies past
+        the weight (masked out of every store); rows is offs_n clamped to a real row, so loads
+        need no row mask.
+
+        With SWIGLU the weight is [gate; up] (N = 2H) and a block takes output rows
+        pid_n * BLOCK_N / 2 + j, interleaved: gate row j at 2j, up row H + j at 2j + 1 (each row
+        is still read whole and in order, so the interleave costs nothing).
+        """
+        i = tl.arange(0, BLOCK_N)
+        if SWIGLU:
+            half = N // 2
+            j = pid_n * (BLOCK_N // 2) + i // 2
+            rows = tl.minimum(j, half - 1) + (i % 2) * half
+            offs_n = tl.where(j < half, rows, N)
+        else:
+            offs_n = pid_n * BLOCK_N + i
+            rows = tl.minimum(offs_n, N - 1)
+        return offs_n, rows
+
+    @triton.jit
+    def _write_out(acc, offs_n, offs_m, M, N, pid_n, b_ptr, r_ptr, out_ptr, stride_om,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        # acc: [BLOCK_N, BLOCK_M] float32 = out^T for the rows offs_n (`_row_block`). The residual
+        # shares out's layout [M, N] ([M, N / 2] with SWIGLU).
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + bias[:, None]
-        idx = offs_m[None, :] * stride_om + offs_n[:, None]
+        if SWIGLU:
+            # [gate, up] pairs of rows -> SiLU(gate) * up, [BLOCK_N / 2, BLOCK_M]
+            pairs = tl.permute(tl.reshape(acc, (BLOCK_N // 2, 2, BLOCK_M)), (0, 2, 1))
+            gate, up = tl.split(pairs)
+            y = gate * tl.sigmoid(gate) * up
+            offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            mask = (offs_o[:, None] < N // 2) & (offs_m[None, :] < M)
+        else:
+            y = acc
+            offs_o = offs_n
+            mask = (offs_o[:, None] < N) & (offs_m[None, :] < M)
+        idx = offs_m[None, :] * stride_om + offs_o[:, None]
         if HAS_RESIDUAL:
-            acc = acc + tl.load(r_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            y = y + tl.load(r_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _finish(acc, sumsq, offs_n, offs_m, M, N, K, eps, pid_n, pid_k, b_ptr, r_ptr, out_ptr,
                 ws_ptr, cnt_ptr, stride_om, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                NORM: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+                NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
+                PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
         """Write acc ([BLOCK_N, BLOCK_M] float32, scaled) or, under split-K, reduce the partials.
+        The partials are indexed by weight row (offs_n), so SwiGLU pairs meet after the sum.
 
         With NORM, sumsq [BLOCK_M] is this program's sum of x^2 over its K range, and the result
         is scaled by 1 / sqrt(sum / K + eps) (under split-K from the sum over every split).
@@ -579,8 +610,8 @@ if HAS_TRITON:
         if SPLIT_K == 1:
             if NORM:
                 acc = acc / tl.sqrt_rn(sumsq / K + eps)[None, :]
-            _write_out(acc, offs_n, offs_m, M, N, b_ptr, r_ptr, out_ptr, stride_om, HAS_BIAS,
-                       HAS_RESIDUAL)
+            _write_out(acc, offs_n, offs_m, M, N, pid_n, b_ptr, r_ptr, out_ptr, stride_om,
+                       HAS_BIAS, HAS_RESIDUAL, SWIGLU, BLOCK_N, BLOCK_M)
         else:
             mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
             idx = offs_m[None, :] * N + offs_n[:, None]  # into a [M, N] float32 partial
@@ -604,8 +635,8 @@ if HAS_TRITON:
                         ss += tl.load(ws_ptr + SPLIT_K * M * N + s * M + offs_m,
                                       mask=offs_m < M, other=0.0, cache_modifier=".cg")
                     total = total / tl.sqrt_rn(ss / K + eps)[None, :]
-                _write_out(total, offs_n, offs_m, M, N, b_ptr, r_ptr, out_ptr, stride_om,
-                           HAS_BIAS, HAS_RESIDUAL)
+                _write_out(total, offs_n, offs_m, M, N, pid_n, b_ptr, r_ptr, out_ptr, stride_om,
+                           HAS_BIAS, HAS_RESIDUAL, SWIGLU, BLOCK_N, BLOCK_M)
                 # Ready for the next launch.
                 tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
@@ -624,8 +655,8 @@ if HAS_TRITON:
         x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, K, stride_wn, eps,
         SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
-        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        PROLOGUE: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         """out[0, n] = scale[n] * sum_k x[0, k] * q[n, k] for one row of x and int8/fp8 weights;
@@ -634,14 +665,13 @@ if HAS_TRITON:
         CUDA-core multiply-adds into a [BLOCK_N, BLOCK_K] float32 tile, reduced once at the end.
         Grid (cdiv(N, BLOCK_N), SPLIT_K). Rows past N are clamped to N - 1 (read, never written)
         so the weight loads carry no row mask; with EVEN_K they carry no mask at all.
-        PROLOGUE and HAS_RESIDUAL: the fusions (`Fusion`, `_load_x`), g_ptr the norm weight and
-        r_ptr the residual. PDL: see `pdl_launch`.
+        PROLOGUE, SWIGLU and HAS_RESIDUAL: the fusions (`Fusion`, `_load_x`, `_row_block`), g_ptr
+        the norm weight and r_ptr the residual. PDL: see `pdl_launch`.
         """
         pdl_start(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(offs_n, N - 1)
+        offs_n, rows = _row_block(pid_n, N, BLOCK_N, SWIGLU)
         k_start, k_end = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
         offs_k = tl.arange(0, BLOCK_K)
         # 64-bit row offsets: N * K may pass 2**31 (a 128k-vocab head at K = 16384).
@@ -651,16 +681,14 @@ if HAS_TRITON:
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             if EVEN_K:
                 wf = _rowwise_to_f32(tl.load(w_ptrs + k0), SCHEME, FAST)
-                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, None, K, g_ptr, PROLOGUE,
-                                  False)
+                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, None, g_ptr, PROLOGUE, False)
             else:
                 # No `other` for the weight (fp8 has no literal zero to fill with); the ragged
                 # columns are zeroed after conversion (an fp8 NaN pattern times 0 is NaN).
                 k_ok = (k0 + offs_k) < K
                 wf = _rowwise_to_f32(tl.load(w_ptrs + k0, mask=k_ok[None, :]), SCHEME, FAST)
                 wf = tl.where(k_ok[None, :], wf, 0.0)
-                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, K, g_ptr, PROLOGUE,
-                                  True)
+                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, g_ptr, PROLOGUE, True)
             acc_t += wf * x[None, :]
             if PROLOGUE == 1:
                 sq_t += (x_in * x_in)[None, :]
@@ -670,15 +698,15 @@ if HAS_TRITON:
         offs_m = tl.arange(0, 1)
         _finish(acc[:, None], tl.sum(sq_t, axis=1), offs_n, offs_m, 1, N, K, eps, pid_n, pid_k,
                 b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr, N, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1,
-                SPLIT_K, PDL)
+                SWIGLU, SPLIT_K, PDL, BLOCK_N, 1)
 
     @triton.jit
     def _qgemv_dot_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, g_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_wn, stride_sn, stride_om, eps,
         SCHEME: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
-        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, K_SLICES: tl.constexpr,
+        PROLOGUE: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, K_SLICES: tl.constexpr,
         STAGES: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         """out^T[n, m] = sum_k w[n, k] * x[m, k] for a few rows of x, on tensor cores.
@@ -689,16 +717,15 @@ if HAS_TRITON:
         weights (SCHEME 3) are in x's dtype and have no scale (s_ptr unused).
         Rows of W past N and rows of x past M are clamped (read, never written). BLOCK_M must be
         >= 2 when K_SLICES > num_warps (a Triton miscompilation, see `_dot_block_m`).
-        PROLOGUE and HAS_RESIDUAL as `_qgemv_m1_kernel`; the prologue's result is rounded to x's
-        dtype for the MMA.
+        PROLOGUE, SWIGLU and HAS_RESIDUAL as `_qgemv_m1_kernel`; the prologue's result is rounded
+        to x's dtype for the MMA.
         """
         pdl_start(PDL)
         BLOCK_K: tl.constexpr = SUB_K * K_SLICES
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(offs_n, N - 1)
+        offs_n, rows = _row_block(pid_n, N, BLOCK_N, SWIGLU)
         offs_m = tl.arange(0, BLOCK_M)
         x_rows = tl.minimum(offs_m, M - 1)
         offs_s = tl.arange(0, K_SLICES)
@@ -720,7 +747,7 @@ if HAS_TRITON:
                 g0 = k0 // GROUP
                 if EVEN_K:
                     b = tl.load(w_ptrs + k0 // 2)
-                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0, None, K, g_ptr,
+                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0, None, g_ptr,
                                        PROLOGUE, False)
                     s = tl.load(s_ptr + g_ptrs + g0)
                     z = tl.load(z_ptr + g_ptrs + g0)
@@ -728,7 +755,7 @@ if HAS_TRITON:
                     s_ok = (k0 + offs_s * GROUP) < K  # whole groups: K is a multiple of GROUP
                     b = tl.load(w_ptrs + k0 // 2, mask=s_ok[:, None, None], other=0)
                     xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0,
-                                       s_ok[:, None, None], K, g_ptr, PROLOGUE, True)
+                                       s_ok[:, None, None], g_ptr, PROLOGUE, True)
                     s = tl.load(s_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
                     z = tl.load(z_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
                 if PROLOGUE == 1:
@@ -752,7 +779,7 @@ if HAS_TRITON:
             for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
                 if EVEN_K:
                     wt = _rowwise_to_16bit(tl.load(w_ptrs + k0), SCHEME, DTYPE, FAST)
-                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0, None, K, g_ptr,
+                    xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0, None, g_ptr,
                                        PROLOGUE, False)
                 else:
                     k_ok = (k0 + kk) < K
@@ -760,7 +787,7 @@ if HAS_TRITON:
                     wt = _rowwise_to_16bit(w, SCHEME, DTYPE, FAST)
                     wt = tl.where(k_ok[:, None, :], wt, 0.0)
                     xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0,
-                                       k_ok[:, :, None], K, g_ptr, PROLOGUE, True)
+                                       k_ok[:, :, None], g_ptr, PROLOGUE, True)
                 if PROLOGUE == 1:
                     sumsq += tl.sum(tl.sum(x_in * x_in, axis=1), axis=0)
                 acc3 = tl.dot(wt, xt, acc3)
@@ -768,7 +795,8 @@ if HAS_TRITON:
             if SCHEME != 3:
                 acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
         _finish(acc, sumsq, offs_n, offs_m, M, N, K, eps, pid_n, pid_k, b_ptr, r_ptr, out_ptr, ws_ptr,
-                cnt_ptr, stride_om, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1, SPLIT_K, PDL)
+                cnt_ptr, stride_om, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1, SWIGLU, SPLIT_K, PDL,
+                BLOCK_N, BLOCK_M)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
@@ -930,7 +958,7 @@ def _make_configs(scheme: int, kind: str, group: int) -> list:
 def _tuned_kernel(scheme: int, kind: str, group: int):
     """The autotuned launcher for one scheme, kernel kind ("m1" or "dot") and int4 group size."""
     base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
-    key = ["N", "K", "PROLOGUE", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
+    key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
     with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
     return triton.autotune(configs=_make_configs(scheme, kind, group), key=key,
                            prune_configs_by={"early_config_prune": _prune},
@@ -1064,7 +1092,8 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
           zero: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor],
           config: Optional[dict] = None, kind: Optional[str] = None,
           fusion: Fusion = NO_FUSION) -> torch.Tensor:
-    """Launch a GEMV kernel on x [M, K] (M <= GEMV_MAX_M) and return out [M, N] in x's dtype.
+    """Launch a GEMV kernel on x [M, K] (M <= GEMV_MAX_M) and return out [M, N] in x's dtype
+    ([M, N / 2] with the fusion's swiglu).
 
     Args:
         scheme, qweight, scale, zero, group: as `dequantize_triton`; DENSE: qweight is the weight
@@ -1074,11 +1103,10 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
             "dot" kernel: BLOCK_N, SUB_K (= group for int4), K_SLICES (>= num_warps), STAGES,
             SPLIT_K, num_warps.
         kind: "m1" or "dot" to override `_kernel_kind` (benchmarks; "m1" needs M == 1, not int4).
-        fusion: the prologue and residual done in the kernel (x is [M, 2K] with silu_mul, the
-            residual [M, N] contiguous, the norm weight [K]).
+        fusion: the prologue and epilogues done in the kernel (the norm weight [K], the residual
+            contiguous and of out's shape).
     """
-    m = x.shape[0]
-    k = x.shape[1] // 2 if fusion.silu_mul else x.shape[1]
+    m, k = x.shape
     n = qweight.shape[0]
     kind = kind or _kernel_kind(scheme, m)
     if kind == "m1" and (m != 1 or scheme == INT4):
@@ -1089,7 +1117,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
         raise ValueError("scale must be None for the dense scheme and given for the others")
     w = qweight.view(torch.uint8) if scheme == INT8 else qweight  # int8 bits, read as bytes
     scale_arg = w if scale is None else scale  # dense: never read
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n // 2 if fusion.swiglu else n), dtype=x.dtype, device=x.device)
     if config is None:
         max_split, n_blocks = _split_needs(scheme, kind, group, n, k, _sm_count(x.device))
     else:
@@ -1102,7 +1130,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     bias_arg = out if bias is None else bias
     norm_arg = out if fusion.norm_weight is None else fusion.norm_weight  # never read if absent
     residual_arg = out if fusion.residual is None else fusion.residual
-    prologue = 1 if fusion.norm_weight is not None else 2 if fusion.silu_mul else 0
+    prologue = 1 if fusion.norm_weight is not None else 0
     # Inline PTX on the GPU; the interpreter (CPU tensors) runs the plain Triton forms.
     fast = x.is_cuda
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
@@ -1110,7 +1138,8 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
         args = (x, w, scale_arg, bias_arg, norm_arg, residual_arg, out, ws, counters, n, k,
                 qweight.stride(0), fusion.eps)
         common = dict(SCHEME=scheme, HAS_BIAS=bias is not None, FAST=fast, PROLOGUE=prologue,
-                      HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
+                      SWIGLU=fusion.swiglu, HAS_RESIDUAL=fusion.residual is not None,
+                      **pdl_launch(x.device))
         if config is None:
             _tuned_kernel(scheme, kind, group)[grid](*args, **common)
         else:
@@ -1128,7 +1157,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
         else:
             block_m = _dot_block_m(m, [(config["K_SLICES"], config.get("num_warps", 4))])
         common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
-                      BLOCK_M=block_m, PROLOGUE=prologue,
+                      BLOCK_M=block_m, PROLOGUE=prologue, SWIGLU=fusion.swiglu,
                       HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
         if config is None:
             _tuned_kernel(scheme, kind, group)[grid](*args, **common)
@@ -1200,7 +1229,12 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
 # Custom ops (opaque to torch.compile) and the public dispatchers
 # ----------------------------------------------------------------------------------------------
 
-_FUSION_SCHEMA = ("Tensor? norm_weight=None, float eps=0.0, bool silu_mul=False, "
+def _fake_output(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """The ops' output shape: [M, N], or [M, N / 2] with swiglu."""
+    return x.new_empty((x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0]))
+
+
+_FUSION_SCHEMA = ("Tensor? norm_weight=None, float eps=0.0, bool swiglu=False, "
                   "Tensor? residual=None")
 
 
@@ -1209,9 +1243,13 @@ def _rowwise_op(name: str, scheme: int):
     @torch.library.custom_op(f"tachylm::{name}", mutates_args=(),
                              schema=f"(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, "
                                     f"{_FUSION_SCHEMA}) -> Tensor")
-    def op(x, qweight, scale, bias, norm_weight=None, eps=0.0, silu_mul=False, residual=None):
+    def op(x, qweight, scale, bias, norm_weight=None, eps=0.0, swiglu=False, residual=None):
         return _triton_linear(scheme, x, qweight, scale, None, 0, bias,
-                              Fusion(norm_weight, eps, silu_mul, residual))
+                              Fusion(norm_weight, eps, swiglu, residual))
+
+    @op.register_fake
+    def _(x, qweight, scale, bias, norm_weight=None, eps=0.0, swiglu=False, residual=None):
+        return _fake_output(x, qweight, swiglu)
     return op
 
 
@@ -1223,25 +1261,28 @@ _fp8_linear_op = _rowwise_op("fp8_linear", FP8)
                          schema=f"(Tensor x, Tensor qweight, Tensor scale, Tensor zero, "
                                 f"int group_size, Tensor? bias, {_FUSION_SCHEMA}) -> Tensor")
 def _int4_linear_op(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0,
-                    silu_mul=False, residual=None):
+                    swiglu=False, residual=None):
     return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias,
-                          Fusion(norm_weight, eps, silu_mul, residual))
+                          Fusion(norm_weight, eps, swiglu, residual))
+
+
+@_int4_linear_op.register_fake
+def _(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0, swiglu=False,
+      residual=None):
+    return _fake_output(x, qweight, swiglu)
 
 
 @torch.library.custom_op("tachylm::dense_linear", mutates_args=(),
                          schema=f"(Tensor x, Tensor weight, Tensor? bias, {_FUSION_SCHEMA}) "
                                 "-> Tensor")
-def _dense_linear_op(x, weight, bias, norm_weight=None, eps=0.0, silu_mul=False, residual=None):
+def _dense_linear_op(x, weight, bias, norm_weight=None, eps=0.0, swiglu=False, residual=None):
     return _triton_linear(DENSE, x, weight, None, None, 0, bias,
-                          Fusion(norm_weight, eps, silu_mul, residual))
+                          Fusion(norm_weight, eps, swiglu, residual))
 
 
-def _fake_output(x, weight):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-for _op in (_int8_linear_op, _fp8_linear_op, _int4_linear_op, _dense_linear_op):
-    _op.register_fake(lambda x, weight, *args: _fake_output(x, weight))
+@_dense_linear_op.register_fake
+def _(x, weight, bias, norm_weight=None, eps=0.0, swiglu=False, residual=None):
+    return _fake_output(x, weight, swiglu)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -1250,7 +1291,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
              fusion: Fusion) -> torch.Tensor:
-    """op(x as [M, width], *operands, *fusion) reshaped to [..., n].
+    """op(x as [M, K], *operands, *fusion) reshaped to [..., n] ([..., n / 2] with swiglu).
 
     Where a GEMV kernel will run, the fusion goes into the op (the kernel does it); elsewhere it
     runs as PyTorch ops around the op, where torch.compile can fuse them with their neighbours.
@@ -1259,37 +1300,38 @@ def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
     if _is_fused(fusion) and not _gemv_applies(scheme, m, x.dtype):
         return fused_linear_ref(lambda t: _call_op(scheme, op, t, n, operands, NO_FUSION), x,
                                 fusion)
-    if _kernel_kind(scheme, m) == "dot" and (fusion.norm_weight is not None or fusion.silu_mul):
-        # The tensor-core kernel takes the residual but not the prologue: computing the prologue
+    if _kernel_kind(scheme, m) == "dot" and fusion.norm_weight is not None:
+        # The tensor-core kernel takes SwiGLU and the residual but not the RMSNorm: computing it
         # between its x loads and the MMA cost int4 decode 7% on an H100 (BENCHMARKS.md).
         x = linear_input_ref(x, fusion)
-        fusion = Fusion(residual=fusion.residual)
-    residual = None if fusion.residual is None else fusion.residual.reshape(-1, n)
+        fusion = fusion._replace(norm_weight=None)
+    n_out = n // 2 if fusion.swiglu else n
+    residual = None if fusion.residual is None else fusion.residual.reshape(-1, n_out)
     out = op(x.reshape(-1, x.shape[-1]), *operands, fusion.norm_weight, fusion.eps,
-             fusion.silu_mul, residual)
-    return out.reshape(*x.shape[:-1], n)
+             fusion.swiglu, residual)
+    return out.reshape(*x.shape[:-1], n_out)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, *, norm: Optional[tuple] = None,
-                silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = residual + (qweight * scale[:, None]) @ prologue(x) + bias (see `Fusion`).
+                swiglu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = residual + epilogue((qweight * scale[:, None]) @ prologue(x) + bias) (see `Fusion`).
 
     On CUDA (with Triton): the GEMV kernels for up to GEMV_MAX_M rows, dequantize + cuBLAS beyond.
     Elsewhere: `int8_linear_ref` (with `fused_linear_ref` for the fusion).
 
     Args:
-        x: [..., K] float32 / bfloat16 / float16 ([..., 2K] = [gate | up] with silu_mul).
+        x: [..., K] float32 / bfloat16 / float16.
         qweight: int8 [N, K].
         scale: float32 / bfloat16 / float16 [N].
         bias: optional [N].
         norm: optional (weight [K], eps): RMSNorm x first.
-        silu_mul: multiply SiLU(gate) * up.
-        residual: optional [..., N] in x's dtype, added to the result.
+        swiglu: the weight's rows are [gate; up] halves: return SiLU(gate) * up ([..., N / 2]).
+        residual: optional, of the result's shape and x's dtype, added to the result.
     Returns:
-        [..., N] in x's dtype.
+        [..., N] ([..., N / 2] with swiglu) in x's dtype.
     """
-    fusion = make_fusion(norm, silu_mul, residual)
+    fusion = make_fusion(norm, swiglu, residual)
     _check_rowwise("int8_linear", torch.int8, x, qweight, scale, bias, fusion)
     if not _use_triton(x):
         return fused_linear_ref(lambda t: int8_linear_ref(t, qweight, scale, bias), x, fusion)
@@ -1298,12 +1340,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                bias: Optional[torch.Tensor] = None, *, norm: Optional[tuple] = None,
-               silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+               swiglu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`int8_linear` for qweight float8_e4m3fn [N, K]: w = float(qweight) * scale[:, None].
 
     Dispatch, arguments and result as `int8_linear`.
     """
-    fusion = make_fusion(norm, silu_mul, residual)
+    fusion = make_fusion(norm, swiglu, residual)
     _check_rowwise("fp8_linear", torch.float8_e4m3fn, x, qweight, scale, bias, fusion)
     if not _use_triton(x):
         return fused_linear_ref(lambda t: fp8_linear_ref(t, qweight, scale, bias), x, fusion)
@@ -1312,13 +1354,13 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 group_size: int, bias: Optional[torch.Tensor] = None, *,
-                norm: Optional[tuple] = None, silu_mul: bool = False,
+                norm: Optional[tuple] = None, swiglu: bool = False,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`int8_linear` for group-wise int4: w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
 
     Dispatch and fusion as `int8_linear`; the other arguments and result as `int4_linear_ref`.
     """
-    fusion = make_fusion(norm, silu_mul, residual)
+    fusion = make_fusion(norm, swiglu, residual)
     _check_int4(x, qweight, scale, zero, group_size, bias, fusion)
     if not _use_triton(x):
         return fused_linear_ref(
@@ -1335,9 +1377,8 @@ def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     Anything else (CPU, mixed dtypes or devices, bad or empty shapes, a strided K axis, many rows
     of x, autograd) goes to F.linear, which computes it or raises its own error.
     """
-    width = 2 * weight.shape[-1] if fusion.silu_mul else weight.shape[-1]
     if not (_use_triton(x) and weight.dim() == 2 and x.dim() >= 1 and weight.numel() > 0
-            and x.shape[-1] == width and x.dtype == weight.dtype
+            and x.shape[-1] == weight.shape[-1] and x.dtype == weight.dtype
             and x.dtype in ACTIVATION_DTYPES and weight.device == x.device
             and (weight.shape[1] <= 1 or weight.stride(1) == 1)):
         return False
@@ -1356,9 +1397,10 @@ def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                 norm: Optional[tuple] = None, silu_mul: bool = False,
+                 norm: Optional[tuple] = None, swiglu: bool = False,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = residual + prologue(x) @ weight.T + bias: `F.linear`'s contract, with the fusion.
+    """y = residual + epilogue(prologue(x) @ weight.T + bias): `F.linear`'s contract, with the
+    fusion.
 
     On CUDA (with Triton), for up to DENSE_GEMV_MAX_M rows of x (float32: one row) with x, weight
     and bias of one dtype and no autograd recording: the Triton GEMV kernels, which read the weight
@@ -1366,14 +1408,14 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     (`F.linear`, cuBLAS on CUDA, with the fusion as PyTorch ops).
 
     Args:
-        x: [..., K] float32 / bfloat16 / float16 ([..., 2K] with silu_mul).
+        x: [..., K] float32 / bfloat16 / float16.
         weight: [N, K] in x's dtype (rows may be a view: only the K axis must be contiguous).
         bias: optional [N] in x's dtype.
-        norm, silu_mul, residual: as `int8_linear`.
+        norm, swiglu, residual: as `int8_linear`.
     Returns:
-        [..., N] in x's dtype.
+        [..., N] ([..., N / 2] with swiglu) in x's dtype.
     """
-    fusion = make_fusion(norm, silu_mul, residual)
+    fusion = make_fusion(norm, swiglu, residual)
     if not _dense_gemv_applies(x, weight, bias, fusion):  # bad fusions raise in the reference
-        return dense_linear_ref(x, weight, bias, norm=norm, silu_mul=silu_mul, residual=residual)
+        return dense_linear_ref(x, weight, bias, norm=norm, swiglu=swiglu, residual=residual)
     return _call_op(DENSE, _dense_linear_op, x, weight.shape[0], (weight, bias), fusion)

@@ -77,8 +77,8 @@ def input_hessian(linear: nn.Module, run: Callable[[], None], in_features: int,
 
     def hook(module, args, kwargs):
         nonlocal rows
-        # What the layer multiplies: its input after any fused prologue (RMSNorm, SiLU-multiply).
-        x = linear_input_ref(args[0], make_fusion(kwargs.get("norm"), kwargs.get("silu_mul", False)))
+        # What the layer multiplies: its input after any fused prologue (the RMSNorm).
+        x = linear_input_ref(args[0], make_fusion(kwargs.get("norm")))
         x = x.reshape(-1, in_features).to(device=device, dtype=torch.float32)
         hessian.addmm_(x.T, x)
         rows += x.shape[0]

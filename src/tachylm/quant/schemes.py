@@ -47,7 +47,7 @@ class QuantizedLinear(nn.Module):
 
     Subclasses register their quantized tensors as buffers and implement the classmethods
     `from_float` and `empty`, plus `forward`, `dequantize`, `shard` and `spec`. `forward(x,
-    norm=..., silu_mul=..., residual=...)` takes the fusions of `tachylm.kernels.FusedLinear`
+    norm=..., swiglu=..., residual=...)` takes the fusions of `tachylm.kernels.FusedLinear`
     (the model calls every Linear that way) and passes them to the kernel dispatch.
 
     Attributes:
