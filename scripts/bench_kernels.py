@@ -1,17 +1,17 @@
 """Benchmark the decode linear kernels (quantized and dense) at Llama-3.1-8B shapes on a CUDA GPU.
 
     PYTHONPATH=src python3 scripts/bench_kernels.py [--shapes qkv,o] [--schemes dense,int8]
-                                                    [--m 1,8] [--variants]
+                                                    [--m 1,8] [--variants] [--group G]
 
 For each matrix shape, decode row count M and scheme (dense bf16, int8, fp8, int4 with groups of
-128) it checks the dispatcher (`tachylm.kernels.quant_matmul.*_linear`) against a float64
-reference, then times it and reports the weight bandwidth it reaches: bytes of weights + scales
-(+ zero points) over the median time. Next to it: the bf16 `F.linear` (cuBLAS) at the same shape,
-its bandwidth, the ratio of the two times, and the device-to-device copy bandwidth measured in
-this process (bytes read + written), which is the practical speed limit. `dense` is
-`dense_linear` on the same bf16 weights as `F.linear`: its ratio is the gain of the Triton GEMV
-over cuBLAS. Prefill (M = 1024) compares the quantized dispatchers' dequantize + cuBLAS path with
-bf16 `F.linear` (dense prefill is `F.linear` itself, so it is not listed).
+128, or --group) it checks the dispatcher (`tachylm.kernels.quant_matmul.*_linear`) against a
+float64 reference, then times it and reports the weight bandwidth it reaches: bytes of weights +
+scales (+ zero points) over the median time. Next to it: the bf16 `F.linear` (cuBLAS) at the same
+shape, its bandwidth, the ratio of the two times, and the device-to-device copy bandwidth measured
+in this process (bytes read + written), which is the practical speed limit. `dense` is
+`dense_linear` on the same bf16 weights as `F.linear`: its ratio is the gain of the Triton GEMV over
+cuBLAS. Prefill (M = 1024) compares the quantized dispatchers' dequantize + cuBLAS path with bf16
+`F.linear` (dense prefill is `F.linear` itself, so it is not listed).
 
 Timing: `triton.testing.do_bench_cudagraph` (median of graph replays, as decode runs under CUDA
 graphs) of a function that calls the layer once per weight copy, with enough copies (>= 256 MB in
@@ -228,6 +228,7 @@ def format_prefill(r: dict) -> str:
 
 
 def main() -> None:
+    global GROUP
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
     parser.add_argument("--schemes", default=",".join(SCHEMES),
@@ -235,7 +236,9 @@ def main() -> None:
     parser.add_argument("--m", default="1,8,16", help="decode row counts")
     parser.add_argument("--variants", action="store_true",
                         help="also time int8/fp8/dense at M = 1 through the tensor-core kernel")
+    parser.add_argument("--group", type=int, default=GROUP, help="int4 group size")
     args = parser.parse_args()
+    GROUP = args.group
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     shapes = args.shapes.split(",")
