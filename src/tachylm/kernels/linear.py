@@ -4,11 +4,11 @@ A transformer layer's decode step is a few matrix-vector products with small ele
 between them (RMSNorm, SiLU(gate) * up, the residual adds). `FusedLinear` is an `nn.Linear` whose
 forward takes them as keywords, `forward(x, norm=(weight, eps), swiglu=..., residual=...)`, and
 computes `residual + epilogue(W @ prologue(x) + b)` in PyTorch ops
-(`quant_matmul.dense_linear_ref`); the model builds every projection as one. `FastLinear` computes the same with `dense_linear`: on CUDA
-for decode-sized inputs the Triton GEMV kernels do the fusion while they read the weight, so each
-step costs no kernel of its own; elsewhere (CPU, prefill-sized inputs, float32 with several rows,
-autograd) it is `F.linear` with the fusion around it. The quantized Linears of `tachylm.quant`
-take the same keywords.
+(`quant_matmul.dense_linear_ref`); the model builds every projection as one. `FastLinear` computes
+the same with `dense_linear`: on CUDA for decode-sized inputs the Triton GEMV kernels do the fusion
+while they read the weight, so each step costs no kernel of its own; elsewhere (CPU, prefill-sized
+inputs, float32 with several rows, autograd) it is `F.linear` with the fusion around it. The
+quantized Linears of `tachylm.quant` take the same keywords.
 
 Both keep `nn.Linear`'s parameters, state-dict keys, `assign=True` loading and weight tying.
 Parameters of an `nn.Linear` require grad, so the kernels run under `torch.inference_mode()` /
