@@ -223,6 +223,11 @@ def fused_linear_ref(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
     return y if fusion.residual is None else fusion.residual + y
 
 
+def _out_features(n: int, swiglu: bool) -> int:
+    """Output width of a weight with n rows: n, or n / 2 when SwiGLU pairs its gate and up rows."""
+    return n // 2 if swiglu else n
+
+
 def _is_fused(fusion: Fusion) -> bool:
     return fusion.norm_weight is not None or fusion.swiglu or fusion.residual is not None
 
@@ -240,7 +245,7 @@ def _check_fusion(name: str, x: torch.Tensor, k: int, n: int, fusion: Fusion) ->
         if not fusion.eps >= 0:
             raise ValueError(f"{name}: the norm epsilon must be >= 0, got {fusion.eps}")
     r = fusion.residual
-    n_out = n // 2 if fusion.swiglu else n
+    n_out = _out_features(n, fusion.swiglu)
     if r is not None and (tuple(r.shape) != (*x.shape[:-1], n_out) or r.dtype != x.dtype
                           or r.device != x.device):
         raise ValueError(f"{name}: the residual must be a {x.dtype} tensor of shape "
@@ -1117,7 +1122,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
         raise ValueError("scale must be None for the dense scheme and given for the others")
     w = qweight.view(torch.uint8) if scheme == INT8 else qweight  # int8 bits, read as bytes
     scale_arg = w if scale is None else scale  # dense: never read
-    out = torch.empty((m, n // 2 if fusion.swiglu else n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, _out_features(n, fusion.swiglu)), dtype=x.dtype, device=x.device)
     if config is None:
         max_split, n_blocks = _split_needs(scheme, kind, group, n, k, _sm_count(x.device))
     else:
@@ -1231,7 +1236,7 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
 
 def _fake_output(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor:
     """The ops' output shape: [M, N], or [M, N / 2] with swiglu."""
-    return x.new_empty((x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0]))
+    return x.new_empty((x.shape[0], _out_features(weight.shape[0], swiglu)))
 
 
 _FUSION_SCHEMA = ("Tensor? norm_weight=None, float eps=0.0, bool swiglu=False, "
@@ -1306,7 +1311,7 @@ def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
         # measured within noise of this once SwiGLU moved to the epilogue (BENCHMARKS.md).
         x = linear_input_ref(x, fusion)
         fusion = fusion._replace(norm_weight=None)
-    n_out = n // 2 if fusion.swiglu else n
+    n_out = _out_features(n, fusion.swiglu)
     residual = None if fusion.residual is None else fusion.residual.reshape(-1, n_out)
     out = op(x.reshape(-1, x.shape[-1]), *operands, fusion.norm_weight, fusion.eps,
              fusion.swiglu, residual)
