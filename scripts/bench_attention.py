@@ -9,7 +9,8 @@ the kernel without rotary or write, and masked SDPA.
 """
 import torch
 
-from tachylm.kernels.attention import decode_attention, decode_attention_ref, decode_attention_triton
+from tachylm.kernels.attention import (decode_attention, decode_attention_ref,
+                                       decode_attention_triton)
 from tachylm.kernels.quant_matmul import _tuning_bench
 from tachylm.model import grouped_attention
 

@@ -2,9 +2,10 @@
 
 Usage: PYTHONPATH=src python3 scripts/bench_prefill.py [shape]   (default llama-3.1-8b)
 Random bf16 weights; each (start position, prompt length) is a prompt after `start` tokens of
-history, the same in both caches (a chat's next turn when start > 0). Time: prefill, the greedy token, and the token on the
-host, median of 10 after warm-up; the graph's first call (its capture) is reported apart. Each
-row checks the graph's logits against eager prefill on the same cache state.
+history, the same in both caches (a chat's next turn when start > 0). Time: prefill, the greedy
+token, and the token on the host, median of 10 after warm-up; the graph's first call (its capture)
+is reported apart. Each row checks the graph's logits against eager prefill on the same cache
+state.
 """
 import statistics
 import sys

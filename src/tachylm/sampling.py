@@ -177,7 +177,8 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
     scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
     if plan.candidates:
         # Sorted only past PAIRWISE_RANKS candidates; fewer are ranked pairwise. (A Python branch:
-        # under torch.compile the plan's integers may be symbolic, and topk's `sorted` must not.)
+        # under torch.compile the plan's integers may be symbolic, and topk's `sorted` must not
+        # be; `bool(...)` of the condition stays symbolic there, an `if` specializes it.)
         if plan.rank and plan.candidates > PAIRWISE_RANKS:
             descending = True
         else:
