@@ -1,5 +1,5 @@
-"""Sampling: filters by mask, greedy rows, penalties, seeds, parameter validation, the two-level
-top-k and the plan's ranking switch."""
+"""Sampling: filters by mask, greedy rows, penalties, seeds, parameter validation, the plan's
+ranking switch and top-k selection on 16-bit logits."""
 
 import dataclasses
 
