@@ -10,8 +10,9 @@ scales (+ zero points) over the median time. Next to it: the bf16 `F.linear` (cu
 shape, its bandwidth, the ratio of the two times, and the device-to-device copy bandwidth measured
 in this process (bytes read + written), which is the practical speed limit. `dense` is
 `dense_linear` on the same bf16 weights as `F.linear`: its ratio is the gain of the Triton GEMV over
-cuBLAS. Prefill (M = 1024) compares the quantized dispatchers' dequantize + cuBLAS path with bf16
-`F.linear` (dense prefill is `F.linear` itself, so it is not listed).
+cuBLAS. Prefill (M = 1024) compares the quantized dispatchers (the fused dequantize-GEMM) and the
+dequantize + cuBLAS path with bf16 `F.linear` (dense prefill is `F.linear` itself, so it is not
+listed).
 
 Timing: `triton.testing.do_bench_cudagraph` (median of graph replays, as decode runs under CUDA
 graphs) of a function that calls the layer once per weight copy, with enough copies (>= 256 MB in
@@ -89,6 +90,19 @@ def layer(scheme: str):
     if scheme == "dense":
         return lambda x, w: qm.dense_linear(x, w[0])
     return lambda x, w: F.linear(x, w[0])
+
+
+def group_of(scheme: str) -> int:
+    return GROUP if scheme == "int4" else 0
+
+
+def dequant_layer(scheme: str):
+    """The quantized prefill path before the fused GEMM: dequantize to bf16, then F.linear."""
+    def call(x, w):
+        scale, zero = w[1], (w[2] if scheme == "int4" else None)
+        dq = qm.dequantize_triton(SCHEME_IDS[scheme], w[0], scale, zero, group_of(scheme), x.dtype)
+        return F.linear(x, dq)
+    return call
 
 
 def reference(scheme: str, x: torch.Tensor, w: tuple) -> torch.Tensor:
@@ -189,20 +203,25 @@ def bench_shape(name: str, n: int, k: int, schemes: list, ms: list, copy_gbps: f
         if scheme == "dense":  # prefill-sized x: dense_linear is F.linear itself
             del copies
             continue
-        call = layer(scheme)
-        entry = {"shape": name, "N": n, "K": k, "M": PREFILL_M, "scheme": scheme,
-                 "bf16_us": bf16_prefill_us}
-        try:
-            out = call(x_by_m[PREFILL_M], copies[0])
-            torch.cuda.synchronize()
-            ref = reference(scheme, x_by_m[PREFILL_M][:64], copies[0])
-            entry["rel_err"] = rel_err(out[:64], ref)
-            del out
-            entry["us"] = time_rotating(call, x_by_m[PREFILL_M], copies[:1])
-            entry["vs_bf16"] = entry["us"] / bf16_prefill_us
-        except Exception as e:
-            entry["error"] = f"{type(e).__name__}: {e}"
-        prefill.append(entry)
+        for path, call in (("gemm", layer(scheme)), ("dequant", dequant_layer(scheme))):
+            entry = {"shape": name, "N": n, "K": k, "M": PREFILL_M, "scheme": scheme,
+                     "path": path, "bf16_us": bf16_prefill_us}
+            try:
+                out = call(x_by_m[PREFILL_M], copies[0])
+                torch.cuda.synchronize()
+                ref = reference(scheme, x_by_m[PREFILL_M][:64], copies[0])
+                entry["rel_err"] = rel_err(out[:64], ref)
+                del out
+                entry["us"] = time_rotating(call, x_by_m[PREFILL_M], copies[:1])
+                entry["vs_bf16"] = entry["us"] / bf16_prefill_us
+                if path == "gemm":
+                    best = qm._tuned_kernel(SCHEME_IDS[scheme], "gemm", group_of(scheme)).best_config
+                    entry["config"] = (" ".join(f"{key}{val}" for key, val in best.kwargs.items())
+                                       + f" w{best.num_warps}")
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {e}"
+            prefill.append(entry)
+            print(format_prefill(entry), flush=True)
         del copies
         torch.cuda.empty_cache()
     return rows, prefill
@@ -220,11 +239,12 @@ def format_row(r: dict) -> str:
 
 
 def format_prefill(r: dict) -> str:
-    head = f"{r['shape']:>8} {r['N']:>6}x{r['K']:<6} M={r['M']:<5} {r['scheme']:<5}"
+    head = (f"{r['shape']:>8} {r['N']:>6}x{r['K']:<6} M={r['M']:<5} {r['scheme']:<5} "
+            f"{r['path']:<7}")
     if "error" in r:
         return f"{head} ERROR {r['error']}"
     return (f"{head} {r['us']:9.1f} us  bf16 {r['bf16_us']:9.1f} us  "
-            f"time/bf16 {r['vs_bf16']:4.2f}  err {r['rel_err']:.1e}")
+            f"time/bf16 {r['vs_bf16']:4.2f}  err {r['rel_err']:.1e} {r.get('config', '')}")
 
 
 def main() -> None:
@@ -270,7 +290,8 @@ def main() -> None:
           f"int4 >= 67% of copy, dense ~3200 GB/s; x = F.linear time / this time) ===")
     for r in rows:
         print(format_row(r))
-    print(f"\n=== prefill M={PREFILL_M}: dispatcher (dequantize + cuBLAS) vs bf16 F.linear ===")
+    print(f"\n=== prefill M={PREFILL_M}: the dispatcher (fused GEMM) and dequantize + cuBLAS vs "
+          "bf16 F.linear ===")
     for r in prefill:
         print(format_prefill(r))
     print("\n=== weighted by one 8B layer (qkv + o + gate_up + down), % of copy bandwidth; "

@@ -496,6 +496,12 @@ for _scheme in ("int8", "fp8"):
     CASES[f"{_scheme}-m20-dequant"] = (_scheme, 20, "bf16", 0, None, True, K)
     CASES[f"{_scheme}-m1-dotkernel"] = (_scheme, 1, "bf16", 0, {**DOT, "SPLIT_K": 1, "kind": "dot"},
                                         True, K)
+# The fp8 prefill GEMM with explicit small tiles: ragged K (BLOCK_K 64 against K = 96), M and N
+# past the tiles, both 16-bit dtypes. The autotuned path runs in the fp8-m20-dequant case above.
+GEMM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, STAGES=2, num_warps=4, kind="gemm")
+CASES["fp8-m20-gemm"] = ("fp8", 20, "bf16", 0, GEMM, True, K)
+CASES["fp8-m33-gemm-fp16-evenK"] = ("fp8", 33, "fp16", 0, GEMM, False, 128)
+CASES["fp8-m17-gemm-bk32"] = ("fp8", 17, "bf16", 0, {**GEMM, "BLOCK_K": 32}, True, K)
 CASES["int8-m1-fp32"] = ("int8", 1, "fp32", 0, {**M1, "SPLIT_K": 1}, True, K)
 for _group in (32, 64):
     for _m in (1, 3):
@@ -570,6 +576,9 @@ SCHEMES = {"int8": qm.INT8, "fp8": qm.FP8, "int4": qm.INT4, "dense": qm.DENSE}
 def _interpreter_child():
     """Run every case of CASES with the Triton interpreter; print one JSON object of results."""
     patch_interpreter()
+    # Autotuning on CPU tensors: timing means nothing here, so every config is run once and the
+    # first is kept.
+    qm._tuning_bench = lambda fn, quantiles: (fn(), [1.0] * len(quantiles))[1]
     results = {}
     for name, (scheme, m, dtype, group, config, with_bias, k) in CASES.items():
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -582,8 +591,11 @@ def _interpreter_child():
             else:
                 config = dict(config)
                 kind = config.pop("kind", None)
-                out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias, config,
-                               kind)
+                if kind == "gemm":
+                    out = qm._gemm(x, weights[0], scale, bias, config)
+                else:
+                    out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
+                                   config, kind)
             counters = int(qm.split_counters(x.device).abs().sum())
             results[name] = {"rel": rel_err(out, oracle(scheme, x, weights, group, bias)),
                              "dtype": str(out.dtype), "shape": list(out.shape),
@@ -609,9 +621,7 @@ def _interpreter_child():
                              "counters": counters}
         except Exception as e:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
-    # The custom ops (what the CUDA dispatch calls) on CPU tensors, through the autotuner: timing
-    # means nothing here, so every config is run once and the first is kept.
-    qm._tuning_bench = lambda fn, quantiles: (fn(), [1.0] * len(quantiles))[1]
+    # The custom ops (what the CUDA dispatch calls) on CPU tensors, through the autotuner.
     for name, (scheme, m) in OP_CASES.items():
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         x = torch.randn(m, 64, generator=gen).to(torch.bfloat16)
@@ -695,13 +705,13 @@ def _nvidia_backend():
     return "nvidia" in triton.backends.backends
 
 
-def _compile_sm90(fn, meta: dict, num_warps: int, num_stages: int):
+def _compile_sm90(fn, meta: dict, num_warps: int, num_stages: int, w_type: str = "*u8"):
     """Compile a GEMV kernel for an H100 (sm_90) without a GPU, specialized as the launcher
     specializes K = 4096: aligned pointers, K and strides divisible by 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     signature = {name: "i32" for name in fn.arg_names}
-    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
+    types = {"x_ptr": "*bf16", "w_ptr": w_type, "s_ptr": "*fp32", "z_ptr": "*fp32",
              "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
              "g_ptr": "*bf16", "r_ptr": "*bf16", "eps": "fp32"}
     signature.update({name: t for name, t in types.items() if name in signature})
@@ -729,6 +739,18 @@ def test_swiglu_epilogue_compiles_for_sm90(kind):
             meta.update(GROUP=128, BLOCK_M=2)
         kernel = _compile_sm90(fn, meta, c.num_warps, c.num_stages)
         assert "ex2.approx" in kernel.asm["ptx"]  # the sigmoid's exponential is there
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
+def test_prefill_gemm_takes_hopper_mma_with_the_weight_in_registers():
+    """Every autotuned config of the fp8 prefill GEMM lowers for an H100 to wgmma with the
+    converted weight tile as its register operand: never written back to memory."""
+    for c in qm._tuned_kernel(qm.FP8, "gemm", 0).configs:
+        meta = dict(c.kwargs, EVEN_K=True, SCHEME=qm.FP8, HAS_BIAS=True, FAST=True)
+        kernel = _compile_sm90(qm._qgemm_kernel, meta, c.num_warps, c.num_stages, "*fp8e4nv")
+        dots = [line for line in kernel.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
+        assert dots, f"{c}: no wgmma"
+        assert all("dot_op<{opIdx = 0" in line.split("*")[0] for line in dots), c
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")

@@ -42,9 +42,12 @@ Kernels on CUDA, by the number of rows M of x (leading dimensions of x flattened
                       splitting the slices, so a program of few rows keeps all its warps busy.
                       int4 slices are single groups: the nibbles unpack straight into 16-bit MMA
                       operands, and each group's scale and zero point apply to the MMA result.
-    M > 16            `_dequant_kernel` writes the weight in x's dtype, then `F.linear` (cuBLAS): at
-                      prefill sizes the matrix product dominates and the extra pass is cheap.
-                      Dense weights go to `F.linear` directly.
+    M > 16, fp8       `_qgemm_kernel`, a tensor-core GEMM (wgmma) whose weight operand is
+                      converted in registers: no dequantized copy of the weight.
+    M > 16, int8      `_dequant_kernel` writes the weight in x's dtype, then `F.linear` (cuBLAS):
+    and int4          at prefill sizes the matrix product dominates and the extra pass costs
+                      1.24-1.36x bf16's time per matrix (BENCHMARKS.md), less than their GEMM's
+                      conversions did. Dense weights go to `F.linear` directly.
 
 The dense scheme exists because cuBLAS's M = 1 GEMV reads bf16 weights at about 2.6-2.8 TB/s on an
 H100, while `_qgemv_m1_kernel` reads int8 at 2.9-3.1 TB/s; the same kernel with 16-bit loads (8
@@ -838,6 +841,55 @@ if HAS_TRITON:
                  mask=n_ok[:, None] & (offs_k[None, :] < K))
 
 
+    @triton.jit
+    def _qgemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET,
+                      stride_xm, stride_wn, stride_om,
+                      SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      STAGES: tl.constexpr, EVEN_K: tl.constexpr):
+        """out[m, n] = scale[n] * sum_k x[m, k] * q[n, k] (+ bias) for many rows of x (prefill),
+        on tensor cores, the row-wise quantized weight converted in registers: never written out
+        in x's dtype (dequantize + cuBLAS writes and reads 4 bytes a weight more).
+
+        out^T = W @ x^T tile by tile: the weight tile [BLOCK_N, BLOCK_K] is the MMA's first
+        operand, which Hopper's MMA (wgmma) takes from registers, right where it is converted;
+        x^T [BLOCK_K, BLOCK_M] comes from shared memory. The codes convert exactly to x's 16-bit
+        dtype and the row scale multiplies the float32 result once. Only fp8 takes it (see
+        `_gemm`). Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) programs, the M tiles of one row
+        block next to each other, so a row block's weights come from DRAM once and then from L2.
+        M_BUCKET (M rounded up to a power of two) is only the autotuning key.
+        """
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        m_tiles = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % m_tiles
+        pid_n = pid // m_tiles
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: loads need no row mask
+        x_rows = tl.minimum(offs_m, M - 1)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BLOCK_K, BLOCK_M]
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            if EVEN_K:
+                xt = tl.load(x_ptrs + k0)
+                wt = _rowwise_to_16bit(tl.load(w_ptrs + k0), SCHEME, DTYPE, FAST)
+            else:
+                xt = tl.load(x_ptrs + k0, mask=(k0 + offs_k[:, None]) < K, other=0.0)
+                k_ok = (k0 + offs_k[None, :]) < K
+                wt = _rowwise_to_16bit(tl.load(w_ptrs + k0, mask=k_ok), SCHEME, DTYPE, FAST)
+                wt = tl.where(k_ok, wt, 0.0)  # masked lanes hold anything
+            acc = tl.dot(wt, xt, acc)
+        acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + rows).to(tl.float32)[:, None]
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configurations and autotuning
 # ----------------------------------------------------------------------------------------------
@@ -865,6 +917,12 @@ _DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), 
 # K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
 # For G < 128 that is more slices than warps, which needs BLOCK_M >= 2 (see `_dot_block_m`).
 _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3))
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES) for the fp8 prefill GEMM (`_qgemm_kernel`).
+# BLOCK_N (weight rows) is the MMA's M side, 64 per warp group. At M = 1024 on an H100 the first
+# was the fastest of nine tiles at every Llama-3.1-8B shape (BENCHMARKS.md); the smaller BLOCK_M
+# serve fewer rows (configs with BLOCK_M > 2 * M are pruned).
+_GEMM_CONFIGS = ((256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
+                 (32, 128, 64, 4, 4), (256, 64, 64, 4, 4))
 _MAX_SPLIT_K = 8
 _SPLIT_TILES_MIN = 2  # never split K into pieces of fewer BLOCK_K tiles than this
 
@@ -905,6 +963,11 @@ def _with_split(configs, n: int, k: int, sms: int) -> list:
 def _prune(configs, named_args, **kwargs):
     x = named_args["x_ptr"]
     return _with_split(configs, named_args["N"], named_args["K"], _sm_count(x.device))
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """The GEMM's tiles for M rows: none taller than twice M (BLOCK_M 32 always stays)."""
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, 2 * named_args["M_BUCKET"])]
 
 
 _TUNING_REPS = 20
@@ -961,7 +1024,16 @@ def _make_configs(scheme: int, kind: str, group: int) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_kernel(scheme: int, kind: str, group: int):
-    """The autotuned launcher for one scheme, kernel kind ("m1" or "dot") and int4 group size."""
+    """The autotuned launcher for one scheme, kernel kind ("m1", "dot" or "gemm") and int4 group
+    size."""
+    if kind == "gemm":
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st},
+                                 num_warps=nw, num_stages=st) for bm, bn, bk, nw, st in _GEMM_CONFIGS]
+        with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(
+            _qgemm_kernel)
+        return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"],
+                               prune_configs_by={"early_config_prune": _prune_gemm},
+                               **_autotune_kwargs())(with_even_k)
     base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
     key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
     with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
@@ -1175,6 +1247,35 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     return out
 
 
+def _gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+          bias: Optional[torch.Tensor], config: Optional[dict] = None) -> torch.Tensor:
+    """x [M, K] (bfloat16 / float16) -> [M, N] through `_qgemm_kernel` for an fp8 weight
+    (arguments as `fp8_linear`, without the fusion).
+
+    config: None to autotune; else BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps of one launch.
+    """
+    if qweight.dtype != torch.float8_e4m3fn or x.dtype == torch.float32:
+        raise ValueError("the prefill GEMM takes an fp8 weight and bfloat16 or float16 x")
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    args = (x, qweight, scale, out if bias is None else bias, out, m, n, k,
+            triton.next_power_of_2(m), x.stride(0), qweight.stride(0), out.stride(0))
+    common = dict(SCHEME=FP8, HAS_BIAS=bias is not None, FAST=x.is_cuda)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    if config is None:
+        _tuned_kernel(FP8, "gemm", 0)[grid](*args, **common)
+    else:
+        meta = dict(config)
+        num_warps = meta.pop("num_warps", 4)
+        meta["EVEN_K"] = k % meta["BLOCK_K"] == 0
+        _qgemm_kernel[grid](*args, **common, **meta, num_warps=num_warps,
+                            num_stages=meta["STAGES"])
+    return out
+
+
 def dequantize_triton(scheme: int, qweight: torch.Tensor, scale: torch.Tensor,
                       zero: Optional[torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize a weight into `dtype` [N, K] with one Triton kernel (one pass over the weight).
@@ -1225,6 +1326,9 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
             return _gemv(scheme, x, qweight, scale, zero, group, bias, fusion=fusion)
         if scheme == DENSE:
             return fused_linear_ref(lambda t: F.linear(t, qweight, bias), x, fusion)
+        if scheme == FP8 and x.dtype != torch.float32:
+            return fused_linear_ref(lambda t: _gemm(t.contiguous(), qweight, scale, bias), x,
+                                    fusion)
         w = dequantize_triton(scheme, qweight, scale, zero, group, x.dtype)
         return fused_linear_ref(lambda t: F.linear(t, w, None if bias is None else bias.to(x.dtype)),
                                 x, fusion)
