@@ -869,7 +869,7 @@ if HAS_TRITON:
         rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: loads need no row mask
         x_rows = tl.minimum(offs_m, M - 1)
         offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BLOCK_K, BLOCK_M]
+        x_ptrs = x_ptr + x_rows[None, :].to(tl.int64) * stride_xm + offs_k[:, None]  # x^T tile
         w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
