@@ -153,7 +153,7 @@ def chosen_config(scheme: str, m: int, kind: str = "") -> str:
     if not kind and not qm._gemv_applies(scheme_id, m, torch.bfloat16):
         return "cuBLAS" if scheme == "dense" else "dequantize+cuBLAS"
     kind = kind or qm._kernel_kind(scheme_id, m)
-    config = qm._tuned_kernel(scheme_id, kind, GROUP if scheme == "int4" else 0).best_config
+    config = qm._tuned_kernel(scheme_id, kind, GROUP if scheme == "int4" else 0, m == 1).best_config
     kw = config.kwargs
     tile = f"BK{kw['BLOCK_K']}" if kind == "m1" else f"SUB{kw['SUB_K']}x{kw['K_SLICES']}"
     return f"{kind} BN{kw['BLOCK_N']} {tile} w{config.num_warps} st{kw['STAGES']} sk{kw['SPLIT_K']}"

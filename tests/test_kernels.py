@@ -527,8 +527,9 @@ CASES["dense-m1-dotkernel"] = ("dense", 1, "bf16", 0, {**DOT, "SPLIT_K": 1, "kin
 CASES["dense-m20-cublas"] = ("dense", 20, "bf16", 0, None, True, K)
 CASES["dense-m3-fp32-cublas"] = ("dense", 3, "fp32", 0, None, True, K)
 
-# Every autotuned int4 config of the tensor-core kernel, one row of x, K split in two: K = 2048 is
-# two tiles of the largest BLOCK_K (1024) and even for all; K = 2176 (17 * 128) is ragged for all.
+# Every autotuned int4 config of the tensor-core kernel (the batch ones too), run on one row of x,
+# K split in two: K = 2048 is two tiles of the largest BLOCK_K (1024) and even for all; K = 2176
+# (17 * 128) is ragged for all.
 # (The GPU once got G = 64 wrong here at M = 1, from a Triton miscompilation the interpreter does
 # not share: see test_dot_kernel_mma_accumulators_stay_apart; these check the arithmetic.)
 if qm.HAS_TRITON:
@@ -766,7 +767,7 @@ def test_dot_kernel_mma_accumulators_stay_apart(group):
     """
     block_m = qm._tuned_dot_block_m(qm.INT4, group, 1)
     failures = {}
-    for c in qm._make_configs(qm.INT4, "dot", group):
+    for c in qm._make_configs(qm.INT4, "dot", group, one_row=True):
         meta = dict(c.kwargs, SPLIT_K=2, EVEN_K=True, SCHEME=qm.INT4, GROUP=group, HAS_BIAS=False,
                     FAST=True, BLOCK_M=block_m, PROLOGUE=0, SWIGLU=False, HAS_RESIDUAL=False,
                     PDL=False)

@@ -917,6 +917,10 @@ _DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), 
 # K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
 # For G < 128 that is more slices than warps, which needs BLOCK_M >= 2 (see `_dot_block_m`).
 _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3))
+# Added for more than one row of x and G >= 128: at 16 rows it made gate_up 73.5 against 77.1 us
+# and int4 decode of 16 rows 5% faster, but its 8 slices on 4 warps need BLOCK_M >= 2, which made
+# one-row decode 5% slower (BENCHMARKS.md), so one row keeps the set above.
+_DOT_INT4_BATCH_CONFIGS = ((32, 512, 4, 3),)
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES) for the fp8 prefill GEMM (`_qgemm_kernel`).
 # BLOCK_N (weight rows) is the MMA's M side, 64 per warp group. At M = 1024 on an H100 the first
 # was the fastest of nine tiles at every Llama-3.1-8B shape (BENCHMARKS.md); the smaller BLOCK_M
@@ -1005,15 +1009,17 @@ def _autotune_kwargs() -> dict:
     return {**kwargs, "warmup": 5, "rep": 25}  # older Triton: its own do_bench
 
 
-def _make_configs(scheme: int, kind: str, group: int) -> list:
-    """The base launch configurations (SPLIT_K = 1) of one scheme and kernel kind."""
+def _make_configs(scheme: int, kind: str, group: int, one_row: bool = False) -> list:
+    """The base launch configurations (SPLIT_K = 1) of one scheme and kernel kind, for one row
+    of x or for more."""
     if kind == "m1":
         table = _M1_DENSE_CONFIGS if scheme == DENSE else _M1_CONFIGS
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "SPLIT_K": 1},
                               num_warps=nw, num_stages=st) for bn, bk, nw, st in table]
     if scheme == INT4:
+        extra = () if one_row or group < 128 else _DOT_INT4_BATCH_CONFIGS
         table = [(bn, group, max(nw, 2 * row_bytes // group), nw, st)
-                 for bn, row_bytes, nw, st in _DOT_INT4_CONFIGS]
+                 for bn, row_bytes, nw, st in _DOT_INT4_CONFIGS + extra]
     elif scheme == DENSE:
         table = _DOT_DENSE_CONFIGS
     else:
@@ -1023,9 +1029,9 @@ def _make_configs(scheme: int, kind: str, group: int) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernel(scheme: int, kind: str, group: int):
-    """The autotuned launcher for one scheme, kernel kind ("m1", "dot" or "gemm") and int4 group
-    size."""
+def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False):
+    """The autotuned launcher for one scheme, kernel kind ("m1", "dot" or "gemm"), int4 group
+    size, and one row of x or more (`_make_configs`)."""
     if kind == "gemm":
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st},
                                  num_warps=nw, num_stages=st) for bm, bn, bk, nw, st in _GEMM_CONFIGS]
@@ -1037,7 +1043,7 @@ def _tuned_kernel(scheme: int, kind: str, group: int):
     base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
     key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
     with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
-    return triton.autotune(configs=_make_configs(scheme, kind, group), key=key,
+    return triton.autotune(configs=_make_configs(scheme, kind, group, one_row), key=key,
                            prune_configs_by={"early_config_prune": _prune},
                            **_autotune_kwargs())(with_even_k)
 
@@ -1113,9 +1119,10 @@ def split_counters(device: torch.device, needed: int = 0) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _split_needs(scheme: int, kind: str, group: int, n: int, k: int, sms: int) -> tuple:
+def _split_needs(scheme: int, kind: str, group: int, one_row: bool, n: int, k: int,
+                 sms: int) -> tuple:
     """(largest SPLIT_K, most row blocks among split configs) the autotuner may pick for a shape."""
-    configs = _with_split(_make_configs(scheme, kind, group), n, k, sms)
+    configs = _with_split(_make_configs(scheme, kind, group, one_row), n, k, sms)
     max_split = max(c.kwargs["SPLIT_K"] for c in configs)
     n_blocks = max((_cdiv(n, c.kwargs["BLOCK_N"]) for c in configs if c.kwargs["SPLIT_K"] > 1),
                    default=0)
@@ -1149,7 +1156,7 @@ def _dot_block_m(m: int, slices_and_warps) -> int:
 def _tuned_dot_block_m(scheme: int, group: int, m: int) -> int:
     """`_dot_block_m` over the autotuned configs of the tensor-core kernel."""
     return _dot_block_m(m, [(c.kwargs["K_SLICES"], c.num_warps)
-                            for c in _make_configs(scheme, "dot", group)])
+                            for c in _make_configs(scheme, "dot", group, m == 1)])
 
 
 def _kernel_kind(scheme: int, m: int) -> str:
@@ -1196,7 +1203,8 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     scale_arg = w if scale is None else scale  # dense: never read
     out = torch.empty((m, _out_features(n, fusion.swiglu)), dtype=x.dtype, device=x.device)
     if config is None:
-        max_split, n_blocks = _split_needs(scheme, kind, group, n, k, _sm_count(x.device))
+        max_split, n_blocks = _split_needs(scheme, kind, group, m == 1, n, k,
+                                           _sm_count(x.device))
     else:
         max_split = config["SPLIT_K"]
         n_blocks = _cdiv(n, config["BLOCK_N"]) if max_split > 1 else 0
@@ -1218,7 +1226,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
                       SWIGLU=fusion.swiglu, HAS_RESIDUAL=fusion.residual is not None,
                       **pdl_launch(x.device))
         if config is None:
-            _tuned_kernel(scheme, kind, group)[grid](*args, **common)
+            _tuned_kernel(scheme, kind, group, m == 1)[grid](*args, **common)
         else:
             meta = dict(config)
             num_warps = meta.pop("num_warps", 4)
@@ -1237,7 +1245,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
                       BLOCK_M=block_m, PROLOGUE=prologue, SWIGLU=fusion.swiglu,
                       HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
         if config is None:
-            _tuned_kernel(scheme, kind, group)[grid](*args, **common)
+            _tuned_kernel(scheme, kind, group, m == 1)[grid](*args, **common)
         else:
             meta = dict(config)
             num_warps = meta.pop("num_warps", 4)
