@@ -922,9 +922,9 @@ _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256
 # one-row decode 5% slower (BENCHMARKS.md), so one row keeps the set above.
 _DOT_INT4_BATCH_CONFIGS = ((32, 512, 4, 3),)
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES) for the fp8 prefill GEMM (`_qgemm_kernel`).
-# BLOCK_N (weight rows) is the MMA's M side, 64 per warp group. At M = 1024 on an H100 the first
-# was the fastest of nine tiles at every Llama-3.1-8B shape (BENCHMARKS.md); the smaller BLOCK_M
-# serve fewer rows (configs with BLOCK_M > 2 * M are pruned).
+# BLOCK_N (weight rows) is the MMA's M side, 64 per warp group. Of nine tiles timed at M = 1024 on
+# an H100, the first was fastest at gate_up and down and the last at qkv (BENCHMARKS.md); the
+# smaller BLOCK_M serve fewer rows (configs with BLOCK_M > 2 * M are pruned).
 _GEMM_CONFIGS = ((256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
                  (32, 128, 64, 4, 4), (256, 64, 64, 4, 4))
 _MAX_SPLIT_K = 8
