@@ -699,6 +699,26 @@ def _mma_chains(llir):
     return len(calls), zero_starts, faults
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_split_k_candidates():
+    """Autotuning candidates on a 132-SM GPU for a 4096 x 4096 weight: each config with the
+    heuristic's split (the largest); int4 also with every smaller power of two."""
+    n = k = 4096
+    for scheme, smaller in ((qm.INT8, False), (qm.INT4, True)):
+        configs = qm._make_configs(scheme, "m1" if scheme == qm.INT8 else "dot", 128)
+        split = qm._with_split(configs, n, k, 132, smaller)
+        for c in configs:
+            top = qm._choose_split_k(-(-n // c.kwargs["BLOCK_N"]), -(-k // qm._block_k(c.kwargs)),
+                                     132)
+            got = sorted(d.kwargs["SPLIT_K"] for d in split
+                         if {**d.kwargs, "SPLIT_K": 0} == {**c.kwargs, "SPLIT_K": 0}
+                         and d.num_warps == c.num_warps)
+            want = [2 ** i for i in range(top.bit_length()) if 2 ** i <= top] if smaller else [top]
+            assert got == want, (scheme, c, got, want)
+        if smaller:
+            assert any(d.kwargs["SPLIT_K"] > 1 for d in split)  # the shape does get split
+
+
 def _nvidia_backend():
     if not HAS_TRITON:
         return False

@@ -916,7 +916,10 @@ _DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), 
 # (BLOCK_N, bytes per row per tile, num_warps, STAGES) for int4. SUB_K is the group size and
 # K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
 # For G < 128 that is more slices than warps, which needs BLOCK_M >= 2 (see `_dot_block_m`).
-_DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3))
+# The last two, three-stage twins of the first two, were the fastest at one row for gate_up and
+# qkv in a sweep on an H100 (30.4 against 31.6 us, 10.0 against 10.3 us autotuned without them).
+_DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3),
+                     (16, 256, 4, 3), (32, 256, 4, 3))
 # Added for more than one row of x and G >= 128: at 16 rows it made gate_up 73.5 against 77.1 us
 # and int4 decode of 16 rows 5% faster, but its 8 slices on 4 warps need BLOCK_M >= 2, which made
 # one-row decode 5% slower (BENCHMARKS.md), so one row keeps the set above.
@@ -955,18 +958,31 @@ def _block_k(kwargs: dict) -> int:
     return kwargs["BLOCK_K"] if "BLOCK_K" in kwargs else kwargs["SUB_K"] * kwargs["K_SLICES"]
 
 
-def _with_split(configs, n: int, k: int, sms: int) -> list:
+def _with_split(configs, n: int, k: int, sms: int, smaller_splits: bool = False) -> list:
+    """Each config with SPLIT_K = `_choose_split_k`'s choice for the shape, and with
+    `smaller_splits` (int4) also 1, 2, 4, ... below it.
+
+    On an H100 the int4 o projection (4096 x 4096) took 7.8 us unsplit against 8.7 us at the
+    chosen 4, and down (4096 x 14336) 17.1 us at 2 against 19.0 us at 4. For int8 and bf16 the
+    extra candidates changed nothing end to end but cost ~5 s of first-call tuning, so they are
+    int4's only (BENCHMARKS.md).
+    """
     out = []
     for c in configs:
         kw = dict(c.kwargs)
-        kw["SPLIT_K"] = _choose_split_k(_cdiv(n, kw["BLOCK_N"]), _cdiv(k, _block_k(kw)), sms)
-        out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+        top = _choose_split_k(_cdiv(n, kw["BLOCK_N"]), _cdiv(k, _block_k(kw)), sms)
+        split = 1 if smaller_splits else top
+        while split <= top:
+            out.append(triton.Config(dict(kw, SPLIT_K=split), num_warps=c.num_warps,
+                                     num_stages=c.num_stages))
+            split *= 2
     return out
 
 
 def _prune(configs, named_args, **kwargs):
     x = named_args["x_ptr"]
-    return _with_split(configs, named_args["N"], named_args["K"], _sm_count(x.device))
+    return _with_split(configs, named_args["N"], named_args["K"], _sm_count(x.device),
+                       kwargs.get("SCHEME") == INT4)
 
 
 def _prune_gemm(configs, named_args, **kwargs):
@@ -1122,7 +1138,7 @@ def split_counters(device: torch.device, needed: int = 0) -> torch.Tensor:
 def _split_needs(scheme: int, kind: str, group: int, one_row: bool, n: int, k: int,
                  sms: int) -> tuple:
     """(largest SPLIT_K, most row blocks among split configs) the autotuner may pick for a shape."""
-    configs = _with_split(_make_configs(scheme, kind, group, one_row), n, k, sms)
+    configs = _with_split(_make_configs(scheme, kind, group, one_row), n, k, sms, scheme == INT4)
     max_split = max(c.kwargs["SPLIT_K"] for c in configs)
     n_blocks = max((_cdiv(n, c.kwargs["BLOCK_N"]) for c in configs if c.kwargs["SPLIT_K"] > 1),
                    default=0)
