@@ -1373,8 +1373,8 @@ _FUSION_SCHEMA = ("Tensor? norm_weight=None, float eps=0.0, bool swiglu=False, "
 
 # custom op -> the Python function behind it, which eager calls take directly: going through the
 # op's dispatch cost ~26 us more host time a call (90-92 against 64-65 us for an fp8 prefill
-# product on the H100 machine), and eager prefill makes 128 such calls. torch.compile and CUDA
-# graphs take the op itself.
+# product on the H100 machine), and eager prefill makes 128 such calls. Code that torch.compile
+# traces takes the op itself (the compiler cannot trace the Triton launch code).
 _EAGER_IMPLS = {}
 
 
