@@ -46,7 +46,7 @@ if importlib.util.find_spec("tachylm.kernels") is None or (
 
 from tachylm.build import build_random_model  # noqa: E402
 from tachylm.checkpoints import CheckpointError  # noqa: E402
-from tachylm.evaluate import perplexity, sliding_windows  # noqa: E402
+from tachylm.evaluate import perplexity, perplexity_change, sliding_windows, token_nlls  # noqa: E402
 from tachylm.model import Transformer  # noqa: E402
 from tachylm.kernels.linear import FusedLinear  # noqa: E402
 from tachylm.quant import (SCHEMES, Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear,  # noqa: E402
@@ -614,6 +614,47 @@ def test_perplexity_is_exp_mean_nll():
         perplexity(model, tokens[:1])
 
 
+def test_token_nlls_are_the_full_forwards_in_text_order():
+    model = _tiny_model()
+    tokens = torch.randint(0, 100, (24,))
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(tokens[None])[0, :-1].double(), dim=-1)
+    want = -log_probs[torch.arange(23), tokens[1:]]
+    got = token_nlls(model, tokens, window=24, stride=24)
+    assert got.dtype == torch.float64 and got.shape == (23,)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Sliding windows: the first window's 15 predictions are the full forward's, in order.
+    sliding = token_nlls(model, tokens, window=16, stride=4)
+    assert sliding.shape == (23,) and torch.allclose(sliding[:15], want[:15], rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_change_and_its_standard_error():
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.rand(1000, generator=gen, dtype=torch.float64) * 4
+    # The same model: no change and no spread.
+    same = perplexity_change(reference, reference.clone())
+    assert same.percent == 0.0 and same.stderr_percent == 0.0 and same.blocks == 1000 // 64
+    assert math.isclose(same.reference, math.exp(reference.mean().item()))
+    # A constant shift of every token's NLL by c: the ratio is exactly exp(c), with no spread.
+    shifted = perplexity_change(reference, reference + 0.01)
+    assert math.isclose(shifted.percent, 100 * math.expm1(0.01), rel_tol=1e-9)
+    assert shifted.stderr_percent < 1e-9
+    assert math.isclose(shifted.value / shifted.reference, math.exp(0.01), rel_tol=1e-9)
+    # Independent noise of standard deviation sigma per token, blocks of 50: the standard error
+    # of the mean is about sigma / sqrt(1000), whatever the blocking.
+    noise = torch.randn(1000, generator=gen, dtype=torch.float64) * 0.1
+    noisy = perplexity_change(reference, reference + noise, block_tokens=50)
+    assert noisy.blocks == 20
+    assert 0.5 * 10 / math.sqrt(1000) < noisy.stderr_percent < 1.5 * 10 / math.sqrt(1000)
+    assert math.isclose(noisy.percent, 100 * math.expm1(noise.mean().item()), rel_tol=1e-9)
+    # Too few tokens for two blocks: no standard error.
+    assert math.isnan(perplexity_change(reference[:10], reference[:10] + noise[:10]).stderr_percent)
+    with pytest.raises(ValueError, match="equal 1-D"):
+        perplexity_change(reference, reference[:-1])
+    with pytest.raises(ValueError, match="block_tokens"):
+        perplexity_change(reference, reference, block_tokens=0)
+
+
 # -- the real model (slow) ------------------------------------------------------------------------
 
 
@@ -656,6 +697,8 @@ def test_cli_quantize_int8_then_eval(smollm_path, tmp_path, capsys):
     stdout = capsys.readouterr().out
     delta = float(stdout.rsplit("(", 1)[1].split("%")[0])
     assert abs(delta) < 2.0, stdout
+    stderr = float(stdout.rsplit("±", 1)[1].split("%")[0])
+    assert 0.0 < stderr < 2.0, stdout
     # The folder carries the tokenizer: it loads, tokenizes and chats like the source.
     from tachylm.tokenizer import load_tokenizer
 

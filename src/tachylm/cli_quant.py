@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from tachylm.build import build_model, build_quantized_model, parse_dtype
 from tachylm.checkpoints.resolve import resolve_model
 from tachylm.engine import load_checkpoint, pick_device
-from tachylm.evaluate import perplexity
+from tachylm.evaluate import perplexity_change, token_nlls
 from tachylm.model import Transformer
 from tachylm.quant import INT4_GROUP_SIZES, MODES, apply_quant_option, check_quantizable, quantize_model
 from tachylm.quant.gptq import calibration_windows
@@ -67,11 +68,11 @@ def _float_model(path: str, device: torch.device, dtype: torch.dtype, max_seq_le
     return build_model(checkpoint, device=device, dtype=dtype, max_seq_len=positions)
 
 
-def _perplexity(model: Transformer, ids: list[int], args, label: str) -> float:
-    value = perplexity(model, ids, window=args.window, stride=args.stride, batch_size=args.batch_size,
-                       progress=_progress)
-    _progress(f"{label}: perplexity {value:.4f}")
-    return value
+def _token_nlls(model: Transformer, ids: list[int], args, label: str) -> torch.Tensor:
+    nlls = token_nlls(model, ids, window=args.window, stride=args.stride, batch_size=args.batch_size,
+                      progress=_progress)
+    _progress(f"{label}: perplexity {math.exp(nlls.mean().item()):.4f}")
+    return nlls
 
 
 def cmd_quantize(args) -> int:
@@ -109,7 +110,7 @@ def cmd_quantize(args) -> int:
     if eval_text is not None:
         _check_window(args.window, model.config.max_seq_len)
         eval_ids = _eval_tokens(tokenizer, eval_text)
-        reference = _perplexity(model, eval_ids, args, "unquantized")
+        reference = _token_nlls(model, eval_ids, args, "unquantized")
     quantize_model(model, args.mode, args.group_size, args.quant_head, calibration, _progress,
                    device=device, **({"act_order": args.act_order, "damp": args.damp}
                                      if args.mode == "int4-gptq" else {}))
@@ -126,10 +127,11 @@ def cmd_quantize(args) -> int:
     gc.collect()
     # Measure what was written, read back as a user will load it.
     quantized = build_quantized_model(args.output, device=device, dtype=dtype, max_seq_len=positions)
-    value = _perplexity(quantized, eval_ids, args, args.mode)
-    delta = 100.0 * (value / reference - 1.0)
+    change = perplexity_change(reference, _token_nlls(quantized, eval_ids, args, args.mode))
     print(f"perplexity on {os.path.basename(eval_text)} ({len(eval_ids)} tokens, window {args.window}, "
-          f"stride {args.stride}): unquantized {reference:.4f}, {args.mode} {value:.4f} ({delta:+.2f}%)")
+          f"stride {args.stride}): unquantized {change.reference:.4f}, {args.mode} {change.value:.4f} "
+          f"({change.percent:+.2f}% ± {change.stderr_percent:.2f}%, the standard error over "
+          f"{change.blocks} blocks of consecutive tokens)")
     return 0
 
 
@@ -149,7 +151,7 @@ def cmd_eval_perplexity(args) -> int:
         apply_quant_option(model, args.quant, args.group_size, args.quant_head, _progress,
                            device=device if args.quant else None)
     ids = _eval_tokens(load_tokenizer(path), args.text)
-    value = _perplexity(model, ids, args, args.quant or "model")
+    value = math.exp(_token_nlls(model, ids, args, args.quant or "model").mean().item())
     print(f"perplexity {value:.4f} ({len(ids)} tokens, window {args.window}, stride {args.stride})")
     return 0
 

@@ -4,12 +4,13 @@ Perplexity = exp(mean negative log-likelihood of each token given the ones befor
 longer than the window is covered by windows `stride` tokens apart (Hugging Face's recipe); each
 window scores only the tokens the previous window did not, so every token from the second on is
 scored exactly once, with at least `window - stride` tokens of context once past the first window.
+`perplexity_change` compares two models on the same tokens, with a standard error.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,56 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     return spans
 
 
-@torch.inference_mode()
 def perplexity(model: Transformer, token_ids: Sequence[int] | torch.Tensor, window: int = 512,
                stride: int = 256, batch_size: int = 1, progress: Progress | None = None) -> float:
-    """Sliding-window perplexity of `model` on one token sequence.
+    """Sliding-window perplexity of `model` on one token sequence: exp(mean of `token_nlls`).
+
+    Arguments and errors as `token_nlls`.
+    """
+    return math.exp(token_nlls(model, token_ids, window, stride, batch_size, progress).mean().item())
+
+
+class PerplexityChange(NamedTuple):
+    """Perplexity of a model against a reference on the same tokens (`perplexity_change`)."""
+
+    reference: float  # the reference model's perplexity
+    value: float  # the compared model's perplexity
+    percent: float  # 100 * (value / reference - 1)
+    stderr_percent: float  # its standard error, in percentage points (nan with one block)
+    blocks: int  # blocks of consecutive tokens the standard error comes from
+
+
+def perplexity_change(reference_nlls: torch.Tensor, nlls: torch.Tensor,
+                      block_tokens: int = 64) -> PerplexityChange:
+    """Compare two models' per-token NLLs (`token_nlls`) on the same tokens, pairwise.
+
+    value / reference = exp(mean(d)) with d = nll - reference_nll per token, so the change is
+    100 * (exp(mean(d)) - 1). Its standard error treats consecutive blocks of `block_tokens`
+    tokens as independent samples (tokens within a block share their context, so single tokens
+    are not): SE(mean(d)) = std(block means) / sqrt(blocks), scaled to the percentage by
+    100 * exp(mean(d)). A change within about two standard errors of zero is not resolved by the
+    text: a longer text narrows it.
+    """
+    if reference_nlls.shape != nlls.shape or nlls.dim() != 1 or nlls.numel() == 0:
+        raise ValueError(f"expected two equal 1-D sequences of NLLs, got {tuple(reference_nlls.shape)} "
+                         f"and {tuple(nlls.shape)}")
+    if block_tokens < 1:
+        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+    d = nlls.double() - reference_nlls.double()
+    mean = d.mean().item()
+    blocks = max(1, d.numel() // block_tokens)
+    block_means = torch.stack([b.mean() for b in torch.tensor_split(d, blocks)])
+    stderr = block_means.std().item() / math.sqrt(blocks) if blocks > 1 else float("nan")
+    reference = math.exp(reference_nlls.double().mean().item())
+    return PerplexityChange(reference, reference * math.exp(mean), 100.0 * math.expm1(mean),
+                            100.0 * math.exp(mean) * stderr, blocks)
+
+
+@torch.inference_mode()
+def token_nlls(model: Transformer, token_ids: Sequence[int] | torch.Tensor, window: int = 512,
+               stride: int = 256, batch_size: int = 1,
+               progress: Progress | None = None) -> torch.Tensor:
+    """The negative log-likelihood of every scored token of one sequence, sliding windows.
 
     Args:
         model: the model (full forward, no KV cache), on any device.
@@ -48,7 +95,8 @@ def perplexity(model: Transformer, token_ids: Sequence[int] | torch.Tensor, wind
         batch_size: windows per forward (windows of equal length are batched).
         progress: called with a line after each forward.
     Returns:
-        exp(total NLL / number of scored tokens); log-softmax in float32.
+        float64 [number of scored tokens] on the CPU, in text order (token 1 first); log-softmax
+        in float32.
     Raises:
         ValueError: a sequence too short, or window/stride out of range.
     """
@@ -65,8 +113,7 @@ def perplexity(model: Transformer, token_ids: Sequence[int] | torch.Tensor, wind
     device = model.rope_cos.device
     tokens = tokens.to(device)
     spans = sliding_windows(tokens.numel(), window, stride)
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    n_scored_total = 0
+    pieces = []
     done = 0
     while done < len(spans):
         length = spans[done][1] - spans[done][0]
@@ -80,9 +127,8 @@ def perplexity(model: Transformer, token_ids: Sequence[int] | torch.Tensor, wind
         # Logit t predicts token t + 1.
         target_nll = -log_probs.gather(-1, inputs[:, 1:, None])[..., 0]  # [B, T - 1]
         for row, (_, _, n_scored) in enumerate(group):
-            total_nll += target_nll[row, -n_scored:].double().sum()
-            n_scored_total += n_scored
+            pieces.append(target_nll[row, -n_scored:].double().cpu())
         done += len(group)
         if progress is not None:
             progress(f"perplexity: {done}/{len(spans)} windows")
-    return math.exp(total_nll.item() / n_scored_total)
+    return torch.cat(pieces)
