@@ -710,6 +710,12 @@ def test_cli_quantize_int8_then_eval(smollm_path, tmp_path, capsys):
     assert _quant_cli(["eval", "perplexity", str(out), "--text", str(text), "--device", "cpu",
                        "--window", "256", "--stride", "256"]) == 0
     assert capsys.readouterr().out.startswith("perplexity ")
+    # Against the source on the same tokens (the quantize run's windows): the same change.
+    assert _quant_cli(["eval", "perplexity", str(out), "--text", str(text), "--device", "cpu",
+                       "--window", "256", "--stride", "256", "--compare", smollm_path]) == 0
+    compared = capsys.readouterr().out.splitlines()[-1]
+    assert compared.startswith("against ") and "±" in compared, compared
+    assert f"change {delta:+.2f}%" in compared, (compared, delta)
 
 
 @pytest.mark.slow

@@ -135,24 +135,43 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_eval_perplexity(args) -> int:
-    device, dtype = _device_and_dtype(args)
-    path = resolve_model(args.model, cache_dir=os.environ.get(CACHE_ENV), progress=_progress)
+def _eval_model(ref: str, quant: str | None, args, device: torch.device,
+                dtype: torch.dtype) -> tuple[Transformer, str]:
+    """The model to score (quantized on the fly with `quant`) and its resolved path."""
+    path = resolve_model(ref, cache_dir=os.environ.get(CACHE_ENV), progress=_progress)
     _progress(f"loading {path}")
     if is_quantized_folder(path):
-        if args.quant is not None:
+        if quant is not None:
             raise ValueError(f"{path} is already quantized; drop --quant")
         _check_window(args.window, read_quantized_config(path).max_seq_len)
-        model = build_quantized_model(path, device=device, dtype=dtype, max_seq_len=args.window)
-    else:
-        # With --quant, build in host memory and let only the quantized layers land on the device.
-        model = _float_model(path, torch.device("cpu") if args.quant else device, dtype, args.window)
-        _check_window(args.window, model.config.max_seq_len)
-        apply_quant_option(model, args.quant, args.group_size, args.quant_head, _progress,
-                           device=device if args.quant else None)
+        return build_quantized_model(path, device=device, dtype=dtype, max_seq_len=args.window), path
+    # With --quant, build in host memory and let only the quantized layers land on the device.
+    model = _float_model(path, torch.device("cpu") if quant else device, dtype, args.window)
+    _check_window(args.window, model.config.max_seq_len)
+    apply_quant_option(model, quant, args.group_size, args.quant_head, _progress,
+                       device=device if quant else None)
+    return model, path
+
+
+def cmd_eval_perplexity(args) -> int:
+    device, dtype = _device_and_dtype(args)
+    model, path = _eval_model(args.model, args.quant, args, device, dtype)
     ids = _eval_tokens(load_tokenizer(path), args.text)
-    value = math.exp(_token_nlls(model, ids, args, args.quant or "model").mean().item())
-    print(f"perplexity {value:.4f} ({len(ids)} tokens, window {args.window}, stride {args.stride})")
+    nlls = _token_nlls(model, ids, args, args.quant or "model")
+    print(f"perplexity {math.exp(nlls.mean().item()):.4f} ({len(ids)} tokens, window {args.window}, "
+          f"stride {args.stride})")
+    if args.compare is None:
+        return 0
+    del model
+    gc.collect()
+    other, other_path = _eval_model(args.compare, None, args, device, dtype)
+    if _eval_tokens(load_tokenizer(other_path), args.text) != ids:
+        raise ValueError(f"{args.compare} tokenizes the text differently from {args.model}; a paired "
+                         "comparison needs the same tokens (compare models of one family)")
+    change = perplexity_change(_token_nlls(other, ids, args, "compared model"), nlls)
+    print(f"against {args.compare}: {change.reference:.4f}, change {change.percent:+.2f}% ± "
+          f"{change.stderr_percent:.2f}% (the standard error over {change.blocks} blocks of "
+          f"consecutive tokens)")
     return 0
 
 
@@ -206,6 +225,9 @@ def add_quant_parsers(subparsers) -> None:
     p.add_argument("--text", required=True, metavar="FILE", help="the text to score")
     p.add_argument("--quant", default=None, choices=[m for m in MODES if m != "int4-gptq"],
                    help="quantize on the fly first (round-to-nearest)")
+    p.add_argument("--compare", default=None, metavar="REF",
+                   help="a second model (loaded as it is) scored on the same tokens: prints the "
+                        "first one's perplexity change against it, with its standard error")
     _add_group_args(p)
     _add_window_args(p)
     _add_device_args(p)
