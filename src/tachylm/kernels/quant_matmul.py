@@ -1051,7 +1051,7 @@ def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False):
     if kind == "gemm":
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st},
                                  num_warps=nw, num_stages=st) for bm, bn, bk, nw, st in _GEMM_CONFIGS]
-        with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(
+        with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(
             _qgemm_kernel)
         return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"],
                                prune_configs_by={"early_config_prune": _prune_gemm},
@@ -1241,14 +1241,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
         common = dict(SCHEME=scheme, HAS_BIAS=bias is not None, FAST=fast, PROLOGUE=prologue,
                       SWIGLU=fusion.swiglu, HAS_RESIDUAL=fusion.residual is not None,
                       **pdl_launch(x.device))
-        if config is None:
-            _tuned_kernel(scheme, kind, group, m == 1)[grid](*args, **common)
-        else:
-            meta = dict(config)
-            num_warps = meta.pop("num_warps", 4)
-            meta["EVEN_K"] = k % meta["BLOCK_K"] == 0
-            _qgemv_m1_kernel[grid](*args, **common, **meta, num_warps=num_warps,
-                                   num_stages=meta["STAGES"])
+        _launch(_qgemv_m1_kernel, (scheme, kind, group, m == 1), grid, args, common, config, k)
     else:
         args = (x, w, scale_arg, scale_arg if zero is None else zero, bias_arg, norm_arg,
                 residual_arg, out, ws, counters, m, n, k, x.stride(0), qweight.stride(0),
@@ -1260,15 +1253,21 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
         common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
                       BLOCK_M=block_m, PROLOGUE=prologue, SWIGLU=fusion.swiglu,
                       HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
-        if config is None:
-            _tuned_kernel(scheme, kind, group, m == 1)[grid](*args, **common)
-        else:
-            meta = dict(config)
-            num_warps = meta.pop("num_warps", 4)
-            meta["EVEN_K"] = k % (meta["SUB_K"] * meta["K_SLICES"]) == 0
-            _qgemv_dot_kernel[grid](*args, **common, **meta, num_warps=num_warps,
-                                    num_stages=meta["STAGES"])
+        _launch(_qgemv_dot_kernel, (scheme, kind, group, m == 1), grid, args, common, config, k)
     return out
+
+
+def _launch(kernel, tuned: tuple, grid, args: tuple, common: dict, config: Optional[dict],
+            k: int) -> None:
+    """Launch the autotuned `_tuned_kernel(*tuned)` when config is None, else `kernel` with that
+    one config (its meta-parameters, num_warps, and STAGES as the pipelining depth)."""
+    if config is None:
+        _tuned_kernel(*tuned)[grid](*args, **common)
+        return
+    meta = dict(config)
+    num_warps = meta.pop("num_warps", 4)
+    meta["EVEN_K"] = k % _block_k(meta) == 0
+    kernel[grid](*args, **common, **meta, num_warps=num_warps, num_stages=meta["STAGES"])
 
 
 def _gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -1289,14 +1288,7 @@ def _gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    if config is None:
-        _tuned_kernel(FP8, "gemm", 0)[grid](*args, **common)
-    else:
-        meta = dict(config)
-        num_warps = meta.pop("num_warps", 4)
-        meta["EVEN_K"] = k % meta["BLOCK_K"] == 0
-        _qgemm_kernel[grid](*args, **common, **meta, num_warps=num_warps,
-                            num_stages=meta["STAGES"])
+    _launch(_qgemm_kernel, (FP8, "gemm", 0), grid, args, common, config, k)
     return out
 
 
