@@ -10,9 +10,9 @@ scales (+ zero points) over the median time. Next to it: the bf16 `F.linear` (cu
 shape, its bandwidth, the ratio of the two times, and the device-to-device copy bandwidth measured
 in this process (bytes read + written), which is the practical speed limit. `dense` is
 `dense_linear` on the same bf16 weights as `F.linear`: its ratio is the gain of the Triton GEMV over
-cuBLAS. Prefill (M = 1024) compares the quantized dispatchers (the fused dequantize-GEMM) and the
-dequantize + cuBLAS path with bf16 `F.linear` (dense prefill is `F.linear` itself, so it is not
-listed).
+cuBLAS. Prefill (M = 1024) compares the quantized dispatchers with bf16 `F.linear`: for fp8 the
+fused GEMM and, next to it, the dequantize + cuBLAS path it replaced; for int8 and int4 their path,
+dequantize + cuBLAS (dense prefill is `F.linear` itself, so it is not listed).
 
 Timing: `triton.testing.do_bench_cudagraph` (median of graph replays, as decode runs under CUDA
 graphs) of a function that calls the layer once per weight copy, with enough copies (>= 256 MB in
@@ -153,7 +153,7 @@ def chosen_config(scheme: str, m: int, kind: str = "") -> str:
     if not kind and not qm._gemv_applies(scheme_id, m, torch.bfloat16):
         return "cuBLAS" if scheme == "dense" else "dequantize+cuBLAS"
     kind = kind or qm._kernel_kind(scheme_id, m)
-    config = qm._tuned_kernel(scheme_id, kind, GROUP if scheme == "int4" else 0, m == 1).best_config
+    config = qm._tuned_kernel(scheme_id, kind, group_of(scheme), m == 1).best_config
     kw = config.kwargs
     tile = f"BK{kw['BLOCK_K']}" if kind == "m1" else f"SUB{kw['SUB_K']}x{kw['K_SLICES']}"
     return f"{kind} BN{kw['BLOCK_N']} {tile} w{config.num_warps} st{kw['STAGES']} sk{kw['SPLIT_K']}"
@@ -203,7 +203,10 @@ def bench_shape(name: str, n: int, k: int, schemes: list, ms: list, copy_gbps: f
         if scheme == "dense":  # prefill-sized x: dense_linear is F.linear itself
             del copies
             continue
-        for path, call in (("gemm", layer(scheme)), ("dequant", dequant_layer(scheme))):
+        # The dispatcher takes the GEMM for fp8 only; int8 and int4 dispatch to dequantize + cuBLAS.
+        paths = ((("gemm", layer(scheme)), ("dequant", dequant_layer(scheme))) if scheme == "fp8"
+                 else (("dequant", layer(scheme)),))
+        for path, call in paths:
             entry = {"shape": name, "N": n, "K": k, "M": PREFILL_M, "scheme": scheme,
                      "path": path, "bf16_us": bf16_prefill_us}
             try:
@@ -215,7 +218,7 @@ def bench_shape(name: str, n: int, k: int, schemes: list, ms: list, copy_gbps: f
                 entry["us"] = time_rotating(call, x_by_m[PREFILL_M], copies[:1])
                 entry["vs_bf16"] = entry["us"] / bf16_prefill_us
                 if path == "gemm":
-                    best = qm._tuned_kernel(SCHEME_IDS[scheme], "gemm", group_of(scheme)).best_config
+                    best = qm._tuned_kernel(qm.FP8, "gemm", 0).best_config
                     entry["config"] = (" ".join(f"{key}{val}" for key, val in best.kwargs.items())
                                        + f" w{best.num_warps}")
             except Exception as e:
@@ -290,8 +293,7 @@ def main() -> None:
           f"int4 >= 67% of copy, dense ~3200 GB/s; x = F.linear time / this time) ===")
     for r in rows:
         print(format_row(r))
-    print(f"\n=== prefill M={PREFILL_M}: the dispatcher (fused GEMM) and dequantize + cuBLAS vs "
-          "bf16 F.linear ===")
+    print(f"\n=== prefill M={PREFILL_M}: the fp8 GEMM and dequantize + cuBLAS vs bf16 F.linear ===")
     for r in prefill:
         print(format_prefill(r))
     print("\n=== weighted by one 8B layer (qkv + o + gate_up + down), % of copy bandwidth; "
