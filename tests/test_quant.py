@@ -729,6 +729,27 @@ def test_cli_errors(smollm_path, tmp_path):
                     "--no-eval"])
 
 
+@pytest.mark.slow
+def test_cli_compare_refuses_models_that_tokenize_differently(smollm_path, tmp_path, monkeypatch):
+    import tachylm.cli_quant as cli_quant
+
+    text = tmp_path / "short.txt"
+    text.write_text(open(EVAL_TEXT).read()[:600])
+    real = cli_quant._eval_tokens
+    calls = []
+
+    def tokens(tokenizer, path):  # the second model's tokenizer drops the text's last token
+        calls.append(path)
+        ids = real(tokenizer, path)
+        return ids if len(calls) == 1 else ids[:-1]
+
+    monkeypatch.setattr(cli_quant, "_eval_tokens", tokens)
+    with pytest.raises(ValueError, match="tokenizes the text differently.*same tokens"):
+        _quant_cli(["eval", "perplexity", smollm_path, "--text", str(text), "--device", "cpu",
+                    "--window", "64", "--stride", "64", "--compare", smollm_path])
+    assert len(calls) == 2
+
+
 # -- fusions (the keywords every Linear of the model takes) ---------------------------------------
 
 
