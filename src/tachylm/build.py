@@ -137,7 +137,7 @@ def build_quantized_model(folder: str | os.PathLike[str], *, device: torch.devic
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(os.fspath(folder), QUANT_FILE)}: {e}") from e
     tied = config.tie_embeddings and HEAD not in specs
-    state = read_quantized_weights(folder, model, tied, device, dtype)
+    state = read_quantized_weights(folder, model, tied, device, dtype, meta["format_version"])
     return _assign(model, state, tied, device, max_seq_len)
 
 

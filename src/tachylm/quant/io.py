@@ -36,7 +36,8 @@ from tachylm.quant import HEAD, module_specs, quantized_modules
 from tachylm.tokenizer import load_tokenizer
 
 FORMAT = "tachylm-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 scales and zero points in bfloat16 (1: float32, still read)
+READ_VERSIONS = (1, 2)
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -168,9 +169,10 @@ def read_quantization_json(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: missing key(s) {missing}; the file is incomplete or corrupted")
     if meta["format"] != FORMAT:
         raise CheckpointError(f"{path}: format {meta['format']!r} is not {FORMAT!r}")
-    if meta["format_version"] != FORMAT_VERSION:
+    if meta["format_version"] not in READ_VERSIONS:
         raise CheckpointError(f"{path}: format version {meta['format_version']!r} is not supported "
-                              f"(this tachylm reads version {FORMAT_VERSION}); upgrade tachylm or re-quantize")
+                              f"(this tachylm reads versions {', '.join(map(str, READ_VERSIONS))}); "
+                              "upgrade tachylm or re-quantize")
     if meta["dtype"] not in FLOAT_DTYPES:
         raise CheckpointError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(FLOAT_DTYPES)}")
     modules = meta["modules"]
@@ -187,12 +189,14 @@ def read_quantized_config(folder: str | os.PathLike[str]) -> ModelConfig:
 
 
 def read_quantized_weights(folder: str | os.PathLike[str], model: Transformer, tied: bool,
-                           device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                           device: torch.device, dtype: torch.dtype,
+                           format_version: int = FORMAT_VERSION) -> dict[str, torch.Tensor]:
     """Every tensor of a quantized folder, checked against `model` (built on the meta device with
     its quantized modules in place, see `prepare_for_quantized_load`).
 
     Names, shapes and the quantized tensors' dtypes must match exactly; floating-point tensors are
-    converted to `dtype`. A tied head (`tied`) is not stored: the caller ties it.
+    converted to `dtype`. A tied head (`tied`) is not stored: the caller ties it. In a version 1
+    folder the int4 scales and zero points are float32 and are rounded to the module's dtype.
 
     Raises:
         CheckpointError: missing, truncated or corrupted files; missing, unexpected or mismatching
@@ -201,14 +205,19 @@ def read_quantized_weights(folder: str | os.PathLike[str], model: Transformer, t
     expected = model.state_dict()
     if tied:
         del expected[f"{HEAD}.weight"]
+    rounded = set()
+    if format_version == 1:
+        rounded = {f"{name}.{buffer}" for name, module in quantized_modules(model).items()
+                   if module.scheme == "int4" for buffer in ("scale", "zero")}
     return _read_weights(os.path.join(os.fspath(folder), WEIGHTS_FILE), expected,
-                         _exact_dtype_names(model), device, dtype)
+                         _exact_dtype_names(model), device, dtype, rounded)
 
 
 def _read_weights(path: str, expected: dict[str, torch.Tensor], exact: set[str], device: torch.device,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, rounded: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Read and check every tensor of `path` against `expected` (meta tensors of the right shape
-    and dtype); names in `exact` must match the dtype, the rest must be floating point."""
+    and dtype); names in `exact` must match the dtype, the rest must be floating point. Names in
+    `rounded` are float32 in the file and converted to the expected dtype."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing; the quantized folder is incomplete")
     state = {}
@@ -228,7 +237,9 @@ def _read_weights(path: str, expected: dict[str, torch.Tensor], exact: set[str],
                 if tuple(tensor.shape) != tuple(want.shape):
                     raise CheckpointError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, "
                                           f"expected {list(want.shape)}")
-                if name in exact:
+                if name in rounded and tensor.dtype == torch.float32:
+                    state[name] = tensor.to(device=device, dtype=want.dtype)
+                elif name in exact:
                     if tensor.dtype != want.dtype:
                         raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
                                               f"expected {want.dtype}")
