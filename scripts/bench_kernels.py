@@ -24,6 +24,7 @@ Prints a table at the end and, if the OUT environment variable is set, writes $O
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -57,8 +58,8 @@ def weight_bytes(scheme: str, n: int, k: int) -> int:
     """Bytes a GEMV must read for the weights: codes plus scales (plus zero points)."""
     if scheme in ("bf16", "dense"):
         return 2 * n * k
-    if scheme == "int4":
-        return n * k // 2 + 2 * 4 * n * (k // GROUP)
+    if scheme == "int4":  # bfloat16 scale and zero point per group
+        return n * k // 2 + 2 * 2 * n * (k // GROUP)
     return n * k + 4 * n
 
 
@@ -75,7 +76,7 @@ def make_weights(scheme: str, n: int, k: int, gen: torch.Generator) -> tuple:
         q = torch.randint(0, 256, (n, k // 2), generator=gen, device=dev, dtype=torch.uint8)
         scale = torch.rand(n, k // GROUP, generator=gen, device=dev) * 0.02 + 1e-3
         zero = torch.rand(n, k // GROUP, generator=gen, device=dev) * 15
-        return q, scale, zero
+        return q, scale.to(torch.bfloat16), zero.to(torch.bfloat16)  # as `Int4Linear` holds them
     return (torch.randn(n, k, generator=gen, device=dev, dtype=torch.bfloat16) * 0.02,)
 
 
@@ -153,9 +154,13 @@ def chosen_config(scheme: str, m: int, kind: str = "") -> str:
     if not kind and not qm._gemv_applies(scheme_id, m, torch.bfloat16):
         return "cuBLAS" if scheme == "dense" else "dequantize+cuBLAS"
     kind = kind or qm._kernel_kind(scheme_id, m)
-    config = qm._tuned_kernel(scheme_id, kind, group_of(scheme), m == 1).best_config
+    args = (scheme_id, kind, group_of(scheme), m == 1)
+    if scheme == "int4" and "prescale" in inspect.signature(qm._tuned_kernel.__wrapped__).parameters:
+        args += (True,)  # bfloat16 x may take the PRESCALE configs (absent from older trees)
+    config = qm._tuned_kernel(*args).best_config
     kw = config.kwargs
     tile = f"BK{kw['BLOCK_K']}" if kind == "m1" else f"SUB{kw['SUB_K']}x{kw['K_SLICES']}"
+    tile += " prescale" if kw.get("PRESCALE") else ""
     return f"{kind} BN{kw['BLOCK_N']} {tile} w{config.num_warps} st{kw['STAGES']} sk{kw['SPLIT_K']}"
 
 

@@ -384,6 +384,26 @@ def _half_bits(value, dtype):
     return int(t.view(torch.int16).item()) & 0xFFFF
 
 
+def _bf16_bits_rne(value):
+    """bfloat16 bits of a float64 value, rounded once to nearest even (finite values)."""
+    bits = int(np.array([value], dtype=np.float64).view(np.uint64)[0])
+    sign, rest = bits >> 63, bits & ((1 << 63) - 1)
+    exp = (rest >> 52) - 1023
+    if rest == 0:
+        return sign << 15
+    assert -126 <= exp < 127, value
+    drop = 52 - 7  # float64 keeps 52 fraction bits, bfloat16 7
+    mant = (rest & ((1 << 52) - 1)) | (1 << 52)
+    kept, tail = mant >> drop, mant & ((1 << drop) - 1)
+    half = 1 << (drop - 1)
+    if tail > half or (tail == half and kept & 1):
+        kept += 1
+    if kept >> 8:  # carried into the next power of two
+        kept >>= 1
+        exp += 1
+    return (sign << 15) | ((exp + 127) << 7) | (kept & 0x7F)
+
+
 def run_ptx(text, inputs, n_out):
     """Execute the few PTX instructions the conversions use; registers hold uint32 values."""
     regs = {f"${n_out + i}": v for i, v in enumerate(inputs)}
@@ -424,6 +444,11 @@ def run_ptx(text, inputs, n_out):
             lo = np.float16(_half(a[0] & 0xFFFF, "f16") - _half(a[1] & 0xFFFF, "f16"))
             hi = np.float16(_half(a[0] >> 16, "f16") - _half(a[1] >> 16, "f16"))
             r = _half_bits(lo, "f16") | (_half_bits(hi, "f16") << 16)
+        elif op == "fma.rn.bf16x2":  # exact product and sum (float64), rounded once
+            halves = [tuple(float(_half((v >> sh) & 0xFFFF, "bf16")) for v in a) for sh in (0, 16)]
+            r = 0
+            for i, (x, y, z) in enumerate(halves):
+                r |= _bf16_bits_rne(x * y + z) << (16 * i)
         elif op == "cvt.rn.bf16x2.f32":  # d = {a -> upper half, b -> lower half}
             r = (_half_bits(_f32(a[0]), "bf16") << 16) | _half_bits(_f32(a[1]), "bf16")
         else:
@@ -473,6 +498,34 @@ def test_ptx_nibbles_match_plain_form(dtype, offset):
         assert [float(_half(h, dtype)) for h in high] == [offset + (b >> 4) for b in _bytes(word)]
 
 
+@pytest.mark.parametrize("scale,m", [(0.0625, -0.5), (0.01171875, 0.0869140625),
+                                     (3.0517578125e-05, -0.000457763671875)])
+def test_ptx_nibbles_scaled_match_one_rounding(scale, m):
+    """The PRESCALE conversion: every nibble of every byte lane becomes q * scale + m, rounded
+    once to bfloat16, with scale and m in each element's own lane of the operand pairs."""
+    assert _half(_half_bits(scale, "bf16"), "bf16") == scale and \
+        _half(_half_bits(m, "bf16"), "bf16") == m  # exact bfloat16 operands
+    # Elements 0-3 carry different (scale, m): 1, 2, 3, 4 times the given ones.
+    scales = [_half_bits(scale * (i + 1), "bf16") for i in range(4)]
+    ms = [_half_bits(m * (i + 1), "bf16") for i in range(4)]
+    pairs = lambda h: [h[0] | h[1] << 16, h[2] | h[3] << 16]  # noqa: E731
+    for word in _words():
+        out = run_ptx(qm._PTX_NIBBLES_SCALED_BF16, [word] + pairs(scales) + pairs(ms), 4)
+        low, high = _halves(out[:2]), _halves(out[2:])
+        for i, byte in enumerate(_bytes(word)):
+            s_i, m_i = _half(scales[i], "bf16"), _half(ms[i], "bf16")
+            assert low[i] == _bf16_bits_rne(float(byte & 0xF) * float(s_i) + float(m_i))
+            assert high[i] == _bf16_bits_rne(float(byte >> 4) * float(s_i) + float(m_i))
+
+
+def test_bf16_rounding_helper_rounds_to_nearest_even():
+    assert _bf16_bits_rne(1.0) == 0x3F80 and _bf16_bits_rne(-2.0) == 0xC000
+    assert _bf16_bits_rne(1.0 + 2**-8) == 0x3F80  # a tie: stays even
+    assert _bf16_bits_rne(1.0 + 3 * 2**-8) == 0x3F82  # a tie: up to even
+    assert _bf16_bits_rne(1.0 + 2**-8 + 2**-20) == 0x3F81  # past the tie
+    assert _bf16_bits_rne(255.9) == 0x4380  # carries into 256
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels under the interpreter (child process)
 # ----------------------------------------------------------------------------------------------
@@ -513,6 +566,16 @@ for _group in (32, 64):
                                        {**DOT, "SUB_K": _group, "K_SLICES": 2, "SPLIT_K": 1}, False,
                                        2 * _group)
     CASES[f"int4-g{_group}-m20-dequant"] = ("int4", 20, "bf16", _group, None, True, 2 * _group)
+# PRESCALE (weights scaled in registers, slices of several groups): K = 3 groups against tiles of
+# 4 (a masked group), and an even K.
+for _group in (32, 64, 128):
+    _pre = {**DOT, "SUB_K": 2 * _group, "K_SLICES": 2, "PRESCALE": True}
+    for _m in (1, 3):
+        for _split in (1, 2):
+            CASES[f"int4-g{_group}-m{_m}-split{_split}-prescale"] = (
+                "int4", _m, "bf16", _group, {**_pre, "SPLIT_K": _split}, True, 3 * _group)
+    CASES[f"int4-g{_group}-m2-evenK-prescale"] = ("int4", 2, "bf16", _group,
+                                                 {**_pre, "SPLIT_K": 1}, False, 8 * _group)
 
 # Dense 16-bit weights (and float32, which takes the m1 kernel for one row): ragged N and K.
 for _split in (1, 2):
@@ -534,7 +597,7 @@ CASES["dense-m3-fp32-cublas"] = ("dense", 3, "fp32", 0, None, True, K)
 # not share: see test_dot_kernel_mma_accumulators_stay_apart; these check the arithmetic.)
 if qm.HAS_TRITON:
     for _group in (32, 64, 128):
-        for _i, _c in enumerate(qm._make_configs(qm.INT4, "dot", _group)):
+        for _i, _c in enumerate(qm._make_configs(qm.INT4, "dot", _group, prescale=True)):
             for _k in (2048, 2176):
                 CASES[f"int4-g{_group}-tuned{_i}-m1-k{_k}-split2"] = (
                     "int4", 1, "bf16", _group,
@@ -566,6 +629,11 @@ for _scheme in ("int8", "fp8", "dense", "int4"):
         _scheme, 2, "swiglu+residual", _group, {**_dot, "SPLIT_K": 1}, 128)
 for _kind in ("norm", "swiglu", "norm+swiglu", "norm+residual"):
     FUSION_CASES[f"dense-m1-{_kind}-evenK"] = ("dense", 1, _kind, 0, {**M1, "SPLIT_K": 2}, 128)
+_pre = {**DOT, "SUB_K": 64, "K_SLICES": 2, "PRESCALE": True}
+FUSION_CASES["int4-m1-norm+swiglu-split2-prescale"] = ("int4", 1, "norm+swiglu", 32,
+                                                        {**_pre, "SPLIT_K": 2}, K)
+FUSION_CASES["int4-m3-norm+residual-evenK-prescale"] = ("int4", 3, "norm+residual", 32,
+                                                         {**_pre, "SPLIT_K": 1}, 128)
 
 # Relative error against float64 is the rounding of the output to x's dtype; the interpreter
 # truncates float32 -> bfloat16 (the GPU rounds to nearest), about 3.5e-3 instead of 1.7e-3.
@@ -666,6 +734,11 @@ def test_triton_kernel_interpreted(interpreted, name):
         # SiLU(gate) * up multiplies two results that the interpreter's truncation biases the
         # same way (towards zero), so their relative errors add: twice the single-product bound.
         tolerance *= 2
+    config = (CASES.get(name) or FUSION_CASES.get(name) or (None,) * 5)[4]
+    if config and config.get("PRESCALE"):
+        # PRESCALE rounds each weight to bfloat16 before the product, as the reference's
+        # F.linear does; truncated here like the output, towards zero: again twice the bound.
+        tolerance *= 2
     assert result["rel"] < tolerance, result
     assert result["counters"] == 0, "split-K counters were not reset"
 
@@ -729,8 +802,14 @@ def _nvidia_backend():
 def _compile_sm90(fn, meta: dict, num_warps: int, num_stages: int, w_type: str = "*u8"):
     """Compile a GEMV kernel for an H100 (sm_90) without a GPU, specialized as the launcher
     specializes K = 4096: aligned pointers, K and strides divisible by 16."""
+    import inspect
+
     import triton
     from triton.backends.compiler import GPUTarget
+    # Constexpr parameters with defaults (PRESCALE) keep them unless meta gives them.
+    defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    meta = {**defaults, **meta}
     signature = {name: "i32" for name in fn.arg_names}
     types = {"x_ptr": "*bf16", "w_ptr": w_type, "s_ptr": "*fp32", "z_ptr": "*fp32",
              "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
@@ -800,6 +879,27 @@ def test_dot_kernel_mma_accumulators_stay_apart(group):
                      f"BLOCK_M={block_m}"] = (
                 f"{n_mma} MMAs, {zero_starts} chains from zero (want {chains}); {faults[:2]}")
     assert not failures, failures
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
+@pytest.mark.parametrize("group", qm.INT4_GROUP_SIZES)
+def test_prescale_configs_compile_for_sm90(group):
+    """Every PRESCALE config lowers for an H100: the nibbles become weights through the packed
+    bfloat16 FMAs, and the MMAs are one chain of SUB_K / 16 steps per (slice of a warp, 16 rows,
+    8 columns) in each tile."""
+    block_m = qm._tuned_dot_block_m(qm.INT4, group, 1, True)
+    configs = [c for c in qm._make_configs(qm.INT4, "dot", group, one_row=True, prescale=True)
+               if c.kwargs.get("PRESCALE")]
+    assert configs
+    for c in configs:
+        meta = dict(c.kwargs, SPLIT_K=2, EVEN_K=True, SCHEME=qm.INT4, GROUP=group, HAS_BIAS=False,
+                    FAST=True, BLOCK_M=block_m, PROLOGUE=0, SWIGLU=False, HAS_RESIDUAL=False,
+                    PDL=False)
+        kernel = _compile_sm90(qm._qgemv_dot_kernel, meta, c.num_warps, c.num_stages)
+        assert "fma.rn.bf16x2" in kernel.asm["ptx"], c
+        n_mma, _, _ = _mma_chains(kernel.asm["llir"])
+        tiles = (c.kwargs["K_SLICES"] // c.num_warps) * (c.kwargs["BLOCK_N"] // 16) * -(-block_m // 8)
+        assert n_mma == tiles * c.kwargs["SUB_K"] // 16, (c, n_mma)
 
 
 # ----------------------------------------------------------------------------------------------

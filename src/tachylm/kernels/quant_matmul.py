@@ -157,6 +157,21 @@ def _nibbles_ptx(magic: str) -> str:
 
 _PTX_NIBBLES_TO_BF16 = _nibbles_ptx("0x43434343")
 _PTX_NIBBLES_TO_F16 = _nibbles_ptx("0x64646464")
+# The same 8 nibbles as bfloat16 weights: 128 + q (as above), then q = fma(128 + q, 1, -128)
+# (exact), then w = fma(q, scale, m) rounded once, scale ($5, $6) and m ($7, $8) being two
+# bfloat16 pairs, elements 0-1 and 2-3 (shared by the low and the high nibble of a byte).
+_PTX_NIBBLES_SCALED_BF16 = _nibbles_ptx("0x43434343")[:-1] + """    .reg .b32 one, neg;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 neg, 0xC300C300;
+    fma.rn.bf16x2 $0, $0, one, neg;
+    fma.rn.bf16x2 $1, $1, one, neg;
+    fma.rn.bf16x2 $2, $2, one, neg;
+    fma.rn.bf16x2 $3, $3, one, neg;
+    fma.rn.bf16x2 $0, $0, $5, $7;
+    fma.rn.bf16x2 $1, $1, $6, $8;
+    fma.rn.bf16x2 $2, $2, $5, $7;
+    fma.rn.bf16x2 $3, $3, $6, $8;
+}"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,6 +451,7 @@ if HAS_TRITON:
     _ASM_INT8_TO_F16 = tl.constexpr(_PTX_INT8_TO_F16)
     _ASM_NIBBLES_TO_BF16 = tl.constexpr(_PTX_NIBBLES_TO_BF16)
     _ASM_NIBBLES_TO_F16 = tl.constexpr(_PTX_NIBBLES_TO_F16)
+    _ASM_NIBBLES_SCALED_BF16 = tl.constexpr(_PTX_NIBBLES_SCALED_BF16)
 
     @triton.jit
     def _int8_to_f32(w, FAST: tl.constexpr):
@@ -479,6 +495,22 @@ if HAS_TRITON:
             b = b.to(tl.int16)
             low = ((b & 0xF) | MAGIC).to(DTYPE, bitcast=True)
             high = ((b >> 4) | MAGIC).to(DTYPE, bitcast=True)
+            return low, high
+
+    @triton.jit
+    def _nibbles_to_weights(b, scale, m, FAST: tl.constexpr):
+        """uint8 [..., n] and bfloat16 scale, m of b's shape -> (low, high) nibbles as bfloat16
+        weights q * scale + m, each rounded once."""
+        if FAST:
+            return tl.inline_asm_elementwise(_ASM_NIBBLES_SCALED_BF16, "=r,=r,=r,=r,r,r,r,r,r",
+                                             [b, scale, m], (tl.bfloat16, tl.bfloat16),
+                                             is_pure=True, pack=4)
+        else:
+            low, high = _nibbles_to_16bit(b, tl.bfloat16, False)
+            sf = scale.to(tl.float32)
+            mf = m.to(tl.float32)
+            low = ((low.to(tl.float32) - 128.0) * sf + mf).to(tl.bfloat16)
+            high = ((high.to(tl.float32) - 128.0) * sf + mf).to(tl.bfloat16)
             return low, high
 
     @triton.jit
@@ -709,6 +741,52 @@ if HAS_TRITON:
                 SWIGLU, SPLIT_K, PDL, BLOCK_N, 1)
 
     @triton.jit
+    def _int4_prescaled(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, rows, x_rows, offs_s, k_start, k_end, K,
+                        stride_xm, stride_wn, stride_sn, acc3, sumsq, GROUP: tl.constexpr,
+                        FAST: tl.constexpr, PROLOGUE: tl.constexpr, SUB_K: tl.constexpr,
+                        K_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        STAGES: tl.constexpr, EVEN_K: tl.constexpr):
+        """`_qgemv_dot_kernel`'s K loop for int4 with PRESCALE: (acc3, sumsq) after it."""
+        NG: tl.constexpr = SUB_K // GROUP  # groups per slice
+        HALF: tl.constexpr = GROUP // 2
+        offs_g = tl.arange(0, NG)
+        offs_j = tl.arange(0, HALF)
+        offs_k = tl.arange(0, SUB_K)
+        gidx = offs_s[:, None] * NG + offs_g[None, :]  # [K_SLICES, NG] groups in a tile
+        byte_off = gidx[:, :, None] * HALF + offs_j[None, None, :]  # [K_SLICES, NG, HALF]
+        # [K_SLICES, BLOCK_N, NG, HALF] bytes, [K_SLICES, BLOCK_N, NG] scales
+        w_ptrs = (w_ptr + rows.to(tl.int64)[None, :, None, None] * stride_wn
+                  + byte_off[:, None, :, :])
+        g_ptrs = rows[None, :, None] * stride_sn + gidx[:, None, :]
+        kk = offs_s[:, None] * SUB_K + offs_k[None, :]  # [K_SLICES, SUB_K] k in a tile
+        x_offs = x_rows[None, None, :] * stride_xm + kk[:, :, None]
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            g0 = k0 // GROUP
+            if EVEN_K:
+                b = tl.load(w_ptrs + k0 // 2)
+                s = tl.load(s_ptr + g_ptrs + g0)
+                z = tl.load(z_ptr + g_ptrs + g0)
+                xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0, None, g_ptr,
+                                   PROLOGUE, False)
+            else:
+                g_ok = (k0 + gidx * GROUP) < K  # whole groups: K is a multiple of GROUP
+                b = tl.load(w_ptrs + k0 // 2, mask=g_ok[:, None, :, None], other=0)
+                s = tl.load(s_ptr + g_ptrs + g0, mask=g_ok[:, None, :], other=0.0)
+                z = tl.load(z_ptr + g_ptrs + g0, mask=g_ok[:, None, :], other=0.0)
+                xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0,
+                                   ((k0 + kk) < K)[:, :, None], g_ptr, PROLOGUE, True)
+            if PROLOGUE == 1:
+                sumsq += tl.sum(tl.sum(x_in * x_in, axis=1), axis=0)
+            sf = s.to(tl.float32)
+            s16 = tl.broadcast_to(sf.to(tl.bfloat16)[:, :, :, None], b.shape)
+            m16 = tl.broadcast_to((-(z.to(tl.float32) * sf)).to(tl.bfloat16)[:, :, :, None],
+                                  b.shape)
+            low, high = _nibbles_to_weights(b, s16, m16, FAST)
+            wt = tl.reshape(tl.join(low, high), (K_SLICES, BLOCK_N, SUB_K))  # k order restored
+            acc3 = tl.dot(wt, xt, acc3)
+        return acc3, sumsq
+
+    @triton.jit
     def _qgemv_dot_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, g_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_wn, stride_sn, stride_om, eps,
@@ -716,6 +794,7 @@ if HAS_TRITON:
         PROLOGUE: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, K_SLICES: tl.constexpr,
         STAGES: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+        PRESCALE: tl.constexpr = False,
     ):
         """out^T[n, m] = sum_k w[n, k] * x[m, k] for a few rows of x, on tensor cores.
 
@@ -727,6 +806,9 @@ if HAS_TRITON:
         >= 2 when K_SLICES > num_warps (a Triton miscompilation, see `_dot_block_m`).
         PROLOGUE, SWIGLU and HAS_RESIDUAL as `_qgemv_m1_kernel`; the prologue's result is rounded
         to x's dtype for the MMA.
+        PRESCALE (int4, bfloat16 x): each nibble becomes the bfloat16 weight q * scale + m in
+        registers (m = -zero * scale, both rounded to bfloat16 once per group), so the MMA sums
+        whole slices of SUB_K (a multiple of GROUP) with no per-group work after it.
         """
         pdl_start(PDL)
         BLOCK_K: tl.constexpr = SUB_K * K_SLICES
@@ -740,7 +822,14 @@ if HAS_TRITON:
         k_start, k_end = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc3 = tl.zeros((K_SLICES, BLOCK_N, BLOCK_M), tl.float32)
         sumsq = tl.zeros((BLOCK_M,), tl.float32)  # RMSNorm: sum of x^2 per row of x
-        if SCHEME == 2:
+        if SCHEME == 2 and PRESCALE:
+            tl.static_assert(DTYPE == tl.bfloat16, "PRESCALE needs bfloat16 x")
+            acc3, sumsq = _int4_prescaled(
+                x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, rows, x_rows, offs_s, k_start, k_end, K,
+                stride_xm, stride_wn, stride_sn, acc3, sumsq, GROUP, FAST, PROLOGUE, SUB_K,
+                K_SLICES, BLOCK_N, BLOCK_K, STAGES, EVEN_K)
+            acc = tl.sum(acc3, axis=0)
+        elif SCHEME == 2:
             HALF: tl.constexpr = GROUP // 2
             OFFSET: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
             offs_j = tl.arange(0, HALF)
@@ -924,6 +1013,11 @@ _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256
 # and int4 decode of 16 rows 5% faster, but its 8 slices on 4 warps need BLOCK_M >= 2, which made
 # one-row decode 5% slower (BENCHMARKS.md), so one row keeps the set above.
 _DOT_INT4_BATCH_CONFIGS = ((32, 512, 4, 3),)
+# (BLOCK_N, SUB_K, num_warps, STAGES) for int4 with PRESCALE (bfloat16 x): SUB_K is raised to the
+# group size where smaller, K_SLICES = num_warps. From a sweep of 48 tiles at G = 32 on an H100
+# (BLOCK_N 16/32, SUB_K 128/256, 4/8 warps, 2-4 stages, with and without a 64-register cap): the
+# first two were the fastest for gate_up (44.8 us) and down (23.8 us); the third serves more rows.
+_DOT_INT4_PRESCALE_CONFIGS = ((16, 128, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3))
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES) for the fp8 prefill GEMM (`_qgemm_kernel`).
 # BLOCK_N (weight rows) is the MMA's M side, 64 per warp group. Of nine tiles timed at M = 1024 on
 # an H100, the first was fastest at gate_up and down and the last at qkv (BENCHMARKS.md); the
@@ -1025,29 +1119,37 @@ def _autotune_kwargs() -> dict:
     return {**kwargs, "warmup": 5, "rep": 25}  # older Triton: its own do_bench
 
 
-def _make_configs(scheme: int, kind: str, group: int, one_row: bool = False) -> list:
+def _make_configs(scheme: int, kind: str, group: int, one_row: bool = False,
+                  prescale: bool = False) -> list:
     """The base launch configurations (SPLIT_K = 1) of one scheme and kernel kind, for one row
-    of x or for more."""
+    of x or for more; with `prescale` (int4, bfloat16 x) the PRESCALE ones too."""
     if kind == "m1":
         table = _M1_DENSE_CONFIGS if scheme == DENSE else _M1_CONFIGS
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "SPLIT_K": 1},
                               num_warps=nw, num_stages=st) for bn, bk, nw, st in table]
+    extra = []
     if scheme == INT4:
-        extra = () if one_row or group < 128 else _DOT_INT4_BATCH_CONFIGS
+        batch = () if one_row or group < 128 else _DOT_INT4_BATCH_CONFIGS
         table = [(bn, group, max(nw, 2 * row_bytes // group), nw, st)
-                 for bn, row_bytes, nw, st in _DOT_INT4_CONFIGS + extra]
+                 for bn, row_bytes, nw, st in _DOT_INT4_CONFIGS + batch]
+        if prescale:
+            extra = [triton.Config({"BLOCK_N": bn, "SUB_K": max(sub, group), "K_SLICES": nw,
+                                    "STAGES": st, "SPLIT_K": 1, "PRESCALE": True},
+                                   num_warps=nw, num_stages=st)
+                     for bn, sub, nw, st in _DOT_INT4_PRESCALE_CONFIGS]
     elif scheme == DENSE:
         table = _DOT_DENSE_CONFIGS
     else:
         table = _DOT_ROWWISE_CONFIGS
     return [triton.Config({"BLOCK_N": bn, "SUB_K": sub, "K_SLICES": ks, "STAGES": st, "SPLIT_K": 1},
-                          num_warps=nw, num_stages=st) for bn, sub, ks, nw, st in table]
+                          num_warps=nw, num_stages=st) for bn, sub, ks, nw, st in table] + extra
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False):
+def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False,
+                  prescale: bool = False):
     """The autotuned launcher for one scheme, kernel kind ("m1", "dot" or "gemm"), int4 group
-    size, and one row of x or more (`_make_configs`)."""
+    size, one row of x or more, and PRESCALE allowed or not (`_make_configs`)."""
     if kind == "gemm":
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st},
                                  num_warps=nw, num_stages=st) for bm, bn, bk, nw, st in _GEMM_CONFIGS]
@@ -1059,7 +1161,7 @@ def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False):
     base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
     key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
     with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
-    return triton.autotune(configs=_make_configs(scheme, kind, group, one_row), key=key,
+    return triton.autotune(configs=_make_configs(scheme, kind, group, one_row, prescale), key=key,
                            prune_configs_by={"early_config_prune": _prune},
                            **_autotune_kwargs())(with_even_k)
 
@@ -1135,10 +1237,11 @@ def split_counters(device: torch.device, needed: int = 0) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _split_needs(scheme: int, kind: str, group: int, one_row: bool, n: int, k: int,
-                 sms: int) -> tuple:
+def _split_needs(scheme: int, kind: str, group: int, one_row: bool, prescale: bool, n: int,
+                 k: int, sms: int) -> tuple:
     """(largest SPLIT_K, most row blocks among split configs) the autotuner may pick for a shape."""
-    configs = _with_split(_make_configs(scheme, kind, group, one_row), n, k, sms, scheme == INT4)
+    configs = _with_split(_make_configs(scheme, kind, group, one_row, prescale), n, k, sms,
+                          scheme == INT4)
     max_split = max(c.kwargs["SPLIT_K"] for c in configs)
     n_blocks = max((_cdiv(n, c.kwargs["BLOCK_N"]) for c in configs if c.kwargs["SPLIT_K"] > 1),
                    default=0)
@@ -1169,10 +1272,10 @@ def _dot_block_m(m: int, slices_and_warps) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_dot_block_m(scheme: int, group: int, m: int) -> int:
+def _tuned_dot_block_m(scheme: int, group: int, m: int, prescale: bool = False) -> int:
     """`_dot_block_m` over the autotuned configs of the tensor-core kernel."""
     return _dot_block_m(m, [(c.kwargs["K_SLICES"], c.num_warps)
-                            for c in _make_configs(scheme, "dot", group, m == 1)])
+                            for c in _make_configs(scheme, "dot", group, m == 1, prescale)])
 
 
 def _kernel_kind(scheme: int, m: int) -> str:
@@ -1218,8 +1321,10 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     w = qweight.view(torch.uint8) if scheme == INT8 else qweight  # int8 bits, read as bytes
     scale_arg = w if scale is None else scale  # dense: never read
     out = torch.empty((m, _out_features(n, fusion.swiglu)), dtype=x.dtype, device=x.device)
+    # PRESCALE configs (int4): bfloat16 x on the GPU (its PTX; the interpreter runs the plain form).
+    prescale = scheme == INT4 and x.dtype == torch.bfloat16
     if config is None:
-        max_split, n_blocks = _split_needs(scheme, kind, group, m == 1, n, k,
+        max_split, n_blocks = _split_needs(scheme, kind, group, m == 1, prescale, n, k,
                                            _sm_count(x.device))
     else:
         max_split = config["SPLIT_K"]
@@ -1247,13 +1352,14 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
                 residual_arg, out, ws, counters, m, n, k, x.stride(0), qweight.stride(0),
                 scale_arg.stride(0), out.stride(0), fusion.eps)
         if config is None:
-            block_m = _tuned_dot_block_m(scheme, group, m)
+            block_m = _tuned_dot_block_m(scheme, group, m, prescale)
         else:
             block_m = _dot_block_m(m, [(config["K_SLICES"], config.get("num_warps", 4))])
         common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
                       BLOCK_M=block_m, PROLOGUE=prologue, SWIGLU=fusion.swiglu,
                       HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
-        _launch(_qgemv_dot_kernel, (scheme, kind, group, m == 1), grid, args, common, config, k)
+        _launch(_qgemv_dot_kernel, (scheme, kind, group, m == 1, prescale), grid, args, common,
+                config, k)
     return out
 
 
