@@ -40,8 +40,11 @@ Kernels on CUDA, by the number of rows M of x (leading dimensions of x flattened
                       >= 2 where a warp multiplies several slices: see `_dot_block_m`).
                       A K tile is K_SLICES slices multiplied as one batched `tl.dot`, the warps
                       splitting the slices, so a program of few rows keeps all its warps busy.
-                      int4 slices are single groups: the nibbles unpack straight into 16-bit MMA
-                      operands, and each group's scale and zero point apply to the MMA result.
+                      int4 has two kinds of tiles, autotuned together: slices of one group, the
+                      nibbles unpacked straight into 16-bit MMA operands and each group's scale
+                      and zero point applied to the MMA result; and (bfloat16 x) PRESCALE slices
+                      of 128 or more, each nibble turned into its bfloat16 weight in registers
+                      first (two packed FMAs), which wins for small groups and for more rows.
     M > 16, fp8       `_qgemm_kernel`, a tensor-core GEMM (wgmma) whose weight operand is
                       converted in registers: no dequantized copy of the weight.
     M > 16, int8      `_dequant_kernel` writes the weight in x's dtype, then `F.linear` (cuBLAS):
@@ -1016,7 +1019,8 @@ _DOT_INT4_BATCH_CONFIGS = ((32, 512, 4, 3),)
 # (BLOCK_N, SUB_K, num_warps, STAGES) for int4 with PRESCALE (bfloat16 x): SUB_K is raised to the
 # group size where smaller, K_SLICES = num_warps. From a sweep of 48 tiles at G = 32 on an H100
 # (BLOCK_N 16/32, SUB_K 128/256, 4/8 warps, 2-4 stages, with and without a 64-register cap): the
-# first two were the fastest for gate_up (44.8 us) and down (23.8 us); the third serves more rows.
+# first two were the fastest uncapped tiles for gate_up (44.8 us) and down (23.8 us); the third
+# serves more rows. Programs of 1 or 2 warps were slower at G = 32 and 128 (BENCHMARKS.md).
 _DOT_INT4_PRESCALE_CONFIGS = ((16, 128, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3))
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES) for the fp8 prefill GEMM (`_qgemm_kernel`).
 # BLOCK_N (weight rows) is the MMA's M side, 64 per warp group. Of nine tiles timed at M = 1024 on

@@ -27,8 +27,8 @@ zero point are bfloat16 (`INT4_PARAM_DTYPE`): at group size 32, float32 would ma
 the bytes a decode step reads (4 bits of code against 2 x 32 bits per 32 weights). Rounding them
 (relative error <= 2**-8) moves the grid by at most 2**-8 of |min| + (max - min), a small part of
 the half step (max - min) / 30 that 4 bits cost anyway; the codes are chosen against the rounded
-values. Format version 1 stored them as
-float32; such checkpoints still load (rounded to bfloat16 on the way in).
+values. Format version 1 stored them as float32; such checkpoints still load (rounded to bfloat16
+on the way in).
 
 The bias (if any) stays in floating point, in the model's dtype.
 """
