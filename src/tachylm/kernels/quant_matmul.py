@@ -1008,10 +1008,13 @@ _DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), 
 # (BLOCK_N, bytes per row per tile, num_warps, STAGES) for int4. SUB_K is the group size and
 # K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
 # For G < 128 that is more slices than warps, which needs BLOCK_M >= 2 (see `_dot_block_m`).
-# The last two, three-stage twins of the first two, were the fastest at one row for gate_up and
-# qkv in a sweep on an H100 (30.4 against 31.6 us, 10.0 against 10.3 us autotuned without them).
+# The three-stage twins of the first two were the fastest at one row for gate_up and qkv in a
+# sweep on an H100 (30.4 against 31.6 us, 10.0 against 10.3 us autotuned without them). The last
+# two are not pipelined (one stage: loads straight to registers, no shared-memory staging and no
+# barrier a step): at G = 32, gate_up 38.3 against 46.7 us and qkv 11.2 against 12.7 us autotuned
+# without them (BENCHMARKS.md).
 _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3),
-                     (16, 256, 4, 3), (32, 256, 4, 3))
+                     (16, 256, 4, 3), (32, 256, 4, 3), (32, 256, 4, 1), (16, 512, 4, 1))
 # Added for more than one row of x and G >= 128: at 16 rows it made gate_up 73.5 against 77.1 us
 # and int4 decode of 16 rows 5% faster, but its 8 slices on 4 warps need BLOCK_M >= 2, which made
 # one-row decode 5% slower (BENCHMARKS.md), so one row keeps the set above.
