@@ -1158,18 +1158,16 @@ def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False,
     """The autotuned launcher for one scheme, kernel kind ("m1", "dot" or "gemm"), int4 group
     size, one row of x or more, and PRESCALE allowed or not (`_make_configs`)."""
     if kind == "gemm":
+        base, prune, key = _qgemm_kernel, _prune_gemm, ["M_BUCKET", "N", "K"]
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st},
                                  num_warps=nw, num_stages=st) for bm, bn, bk, nw, st in _GEMM_CONFIGS]
-        with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(
-            _qgemm_kernel)
-        return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"],
-                               prune_configs_by={"early_config_prune": _prune_gemm},
-                               **_autotune_kwargs())(with_even_k)
-    base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
-    key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
+    else:
+        base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
+        prune = _prune
+        key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
+        configs = _make_configs(scheme, kind, group, one_row, prescale)
     with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
-    return triton.autotune(configs=_make_configs(scheme, kind, group, one_row, prescale), key=key,
-                           prune_configs_by={"early_config_prune": _prune},
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
                            **_autotune_kwargs())(with_even_k)
 
 
