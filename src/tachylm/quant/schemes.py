@@ -438,9 +438,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> uint8 codes [N, K] (inverse of `pack_int4`)."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+unpack_int4 = kernels.unpack_int4  # uint8 [N, K/2] -> codes [N, K], the inverse of `pack_int4`
 
 
 class Int4Linear(QuantizedLinear):
@@ -486,9 +484,7 @@ class Int4Linear(QuantizedLinear):
                                    **fusion)
 
     def dequantize(self):
-        codes = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
-        weight = (codes - self.zero.float()[..., None]) * self.scale.float()[..., None]
-        return weight.reshape(self.out_features, self.in_features)
+        return kernels.dequantize_int4(self.qweight, self.scale, self.zero, self.group_size)
 
     def shard(self, dim, index, count):
         _check_shard(self, dim, index, count)
