@@ -30,7 +30,8 @@ parser.add_argument("--group-size", type=int, default=128, help="int4 group size
 parser.add_argument("--quant-head", action="store_true", help="quantize the output head too")
 parser.add_argument("--top", type=int, default=40)
 parser.add_argument("--tuning", action="store_true", help="coordinate-descent tuning on")
-parser.add_argument("--pdl", action="store_true", help="programmatic dependent launch on")
+parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                    help="programmatic dependent launch (default on, as tachylm's default)")
 parser.add_argument("--sequence", action="store_true",
                     help="also list the kernels of the last profiled token in launch order")
 args = parser.parse_args()

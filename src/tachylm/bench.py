@@ -102,7 +102,8 @@ class BenchOptions:
         fast_linear: on CUDA, route small-batch float Linears through tachylm's Triton GEMV
             (tachylm.kernels.linear.FastLinear) instead of cuBLAS.
         pdl: programmatic dependent launch of tachylm's Triton kernels where the GPU and Triton
-            have it (`kernels.quant_matmul.pdl_launch`; off by default, measured within noise).
+            have it (`kernels.quant_matmul.pdl_launch`; on by default, about 1% faster decode
+            for bf16 and int8 on an H100).
         compile_backend: torch.compile backend for Steps ("eager" makes CPU tests fast).
         compile_tuning: Inductor's coordinate-descent tuning (Steps' `tuning`), on CUDA.
         batches: one decode run (and one long-context run) per batch size.
@@ -125,7 +126,7 @@ class BenchOptions:
     group_size: int = 128
     quant_head: bool = False
     fast_linear: bool = True
-    pdl: bool = False
+    pdl: bool = True
     compile_backend: str = "inductor"
     compile_tuning: bool = False
     batches: tuple[int, ...] = (1,)

@@ -53,9 +53,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quant-head", action="store_true", help="quantize the output head too")
     p.add_argument("--fast-linear", action=argparse.BooleanOptionalAction, default=True,
                    help="Triton GEMV for small-batch float Linears on CUDA (default on)")
-    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch of tachylm's kernels on Hopper and newer "
-                        "GPUs (default off: measured within noise)")
+                        "GPUs (default on; --no-pdl for plain launches)")
     p.add_argument("--compile-tuning", action=argparse.BooleanOptionalAction, default=False,
                    help="Inductor coordinate-descent tuning of the compiled step (default off: "
                         "it helps only with --no-fast-linear and costs compile time)")

@@ -1171,15 +1171,16 @@ def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False,
                            **_autotune_kwargs())(with_even_k)
 
 
-# Off by default: on an H100 it measured within noise (decode-8b bf16 180.8 against 179.3
-# tokens/s, int4 321.3 against 323.5; BENCHMARKS.md). The kernels are ready for it (each waits
-# before reading, and releases its dependents once its weights are read), so a kernel that does
-# useful work before its wait (prefetching weights) can build on it.
-_PDL = {"enabled": False}
+# On by default. On an H100 (decode-8b, one process per run, same machine): bf16 184.6 against
+# 183.0 tokens/s, int8 303.0 against 299.7, int4 347.6 against 347.7 (BENCHMARKS.md, eighth
+# session); earlier pairs gave bf16 180.8 / 179.3 and int8 with its head 315.7 / 311.1. Each kernel
+# waits before reading anything another kernel wrote and releases its dependents once its
+# weights are read, so the next launch overlaps this kernel's tail.
+_PDL = {"enabled": True}
 
 
 def use_pdl(enabled: bool) -> None:
-    """Turn programmatic dependent launch of tachylm's kernels on or off (the default)."""
+    """Turn programmatic dependent launch of tachylm's kernels on (the default) or off."""
     _PDL["enabled"] = bool(enabled)
 
 
