@@ -12,6 +12,11 @@ Per Linear with weight W [N, K] and calibration inputs X [n, K]:
    zero are computed from the error-updated weights when its first column is reached. With
    `act_order` (off by default) columns are visited by decreasing H_kk and the group grids are fixed
    up front from the original weights, so the stored layout stays the same.
+5. Each output row keeps whichever of its GPTQ and round-to-nearest quantizations has the smaller
+   error e H e^T (e = the row's weight error, H undamped): the quantity GPTQ minimises, which is a
+   sum over rows. GPTQ's column-by-column greed does not always beat RTN on it; on weights that
+   already lie on a 4-bit grid (a model shipped in 4 bits) RTN reproduces them and GPTQ's error
+   feedback moves them off it. `rtn_fallback=False` turns this off.
 
 The model is processed one block at a time: the calibration hidden states [n_samples, seq, dim]
 stay on `device`, each block visits `device`, its Linears are quantized in order (each from inputs
@@ -96,7 +101,7 @@ def input_hessian(linear: nn.Module, run: Callable[[], None], in_features: int,
 @torch.no_grad()
 def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor, group_size: int, *,
               damp: float = 0.01, act_order: bool = False, block_size: int = 128,
-              name: str = "layer") -> Int4Linear:
+              rtn_fallback: bool = True, name: str = "layer") -> Int4Linear:
     """GPTQ-quantize one Linear to int4.
 
     Args:
@@ -107,6 +112,8 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
         damp: diagonal dampening as a fraction of the mean diagonal.
         act_order: visit columns by decreasing H_kk (static groups keep the layout).
         block_size: columns per lazy-update block (rounded up to a multiple of group_size).
+        rtn_fallback: keep, for each output row, round-to-nearest where its error under the
+            Hessian is smaller (step 5 of the module docstring).
     Returns:
         An Int4Linear on weight's device.
     Raises:
@@ -165,8 +172,37 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
         w[:, end:].addmm_(err_block, h_inv[start:end, end:], alpha=-1.0)
     if order is not None:
         codes = codes[:, torch.argsort(order)]
+    if rtn_fallback:
+        codes, scales, zeros = _keep_better_rows(weight, hessian, group_size, codes, scales, zeros)
     return Int4Linear(pack_int4(codes), scales, zeros, group_size,
                       None if bias is None else bias.detach().clone())
+
+
+def row_errors(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,
+               scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """e H e^T for each row of e = weight - dequantized(codes, scales, zeros), float32 [N]: the
+    row's share of the layer's output error on the calibration inputs (H = 2 X^T X / n)."""
+    n_out, n_in = weight.shape
+    dequantized = ((codes.reshape(n_out, -1, group_size) - zeros[:, :, None])
+                   * scales[:, :, None]).reshape(n_out, n_in)
+    error = weight.to(torch.float32) - dequantized
+    return ((error @ hessian.to(error.device, torch.float32)) * error).sum(dim=1)
+
+
+def _keep_better_rows(weight, hessian, group_size, codes, scales, zeros):
+    """(codes, scales, zeros) with every row whose round-to-nearest error is smaller replaced by
+    round-to-nearest. Scales and zeros are already rounded as the checkpoint stores them."""
+    n_out, n_in = weight.shape
+    groups = weight.detach().to(torch.float32).reshape(-1, group_size)
+    rtn_scale, rtn_zero = int4_group_params(groups)
+    rtn_codes = int4_codes(groups, rtn_scale[:, None], rtn_zero[:, None]).reshape(n_out, n_in)
+    rtn_scale, rtn_zero = rtn_scale.reshape(n_out, -1), rtn_zero.reshape(n_out, -1)
+    w = weight.detach()
+    better = (row_errors(w, hessian, rtn_codes, rtn_scale, rtn_zero, group_size)
+              < row_errors(w, hessian, codes, scales, zeros, group_size))
+    keep = better[:, None]
+    return (torch.where(keep, rtn_codes, codes), torch.where(keep, rtn_scale, scales),
+            torch.where(keep, rtn_zero, zeros))
 
 
 def _block_linears(block: nn.Module) -> list[str]:
