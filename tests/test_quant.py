@@ -379,6 +379,10 @@ def test_gptq_keeps_each_rows_better_of_gptq_and_rtn():
                                hessian)
     kept = _module_row_errors(gptq_int4(w, None, hessian, group_size), w, hessian)
     assert torch.equal(kept, torch.minimum(rtn, plain))
+    module = Int4Linear.from_float(w, group_size=group_size)
+    in_steps = row_errors(w, hessian, schemes.unpack_int4(module.qweight).float(),
+                          module.scale.float(), module.zero.float(), group_size, rows_per_step=7)
+    torch.testing.assert_close(in_steps, rtn)
     # Neither method wins every row here (RTN takes 19 of 64), so the layer beats both.
     assert 0 < int((rtn < plain).sum()) < n_out
     assert kept.sum() < rtn.sum() and kept.sum() < plain.sum()

@@ -14,9 +14,8 @@ Per Linear with weight W [N, K] and calibration inputs X [n, K]:
    up front from the original weights, so the stored layout stays the same.
 5. Each output row keeps whichever of its GPTQ and round-to-nearest quantizations has the smaller
    error e H e^T (e = the row's weight error, H undamped): the quantity GPTQ minimises, which is a
-   sum over rows. GPTQ's column-by-column greed does not always beat RTN on it; on weights that
-   already lie on a 4-bit grid (a model shipped in 4 bits) RTN reproduces them and GPTQ's error
-   feedback moves them off it. `rtn_fallback=False` turns this off.
+   sum over rows. GPTQ's column-by-column greed does not always beat RTN on it (on SmolLM2, shipped
+   in 4 bits, RTN is the better one for most rows at group 32). `rtn_fallback=False` turns this off.
 
 The model is processed one block at a time: the calibration hidden states [n_samples, seq, dim]
 stay on `device`, each block visits `device`, its Linears are quantized in order (each from inputs
@@ -35,7 +34,8 @@ from torch import nn
 
 from tachylm.kernels.quant_matmul import linear_input_ref, make_fusion
 from tachylm.quant import HEAD, head_weight, set_module
-from tachylm.quant.schemes import Int4Linear, check_group_size, int4_codes, int4_group_params, pack_int4
+from tachylm.quant.schemes import (Int4Linear, check_group_size, int4_codes, int4_group_params,
+                                   pack_int4, unpack_int4)
 
 Progress = Callable[[str], None]
 
@@ -179,25 +179,31 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
 
 
 def row_errors(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,
-               scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+               scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               rows_per_step: int = 4096) -> torch.Tensor:
     """e H e^T for each row of e = weight - dequantized(codes, scales, zeros), float32 [N]: the
-    row's share of the layer's output error on the calibration inputs (H = 2 X^T X / n)."""
+    row's share of the layer's output error on the calibration inputs (H = 2 X^T X / n).
+    Computed `rows_per_step` rows at a time (a 128k-vocabulary head would otherwise need two
+    more float32 copies of itself)."""
     n_out, n_in = weight.shape
-    dequantized = ((codes.reshape(n_out, -1, group_size) - zeros[:, :, None])
-                   * scales[:, :, None]).reshape(n_out, n_in)
-    error = weight.to(torch.float32) - dequantized
-    return ((error @ hessian.to(error.device, torch.float32)) * error).sum(dim=1)
+    hessian = hessian.to(weight.device, torch.float32)
+    out = torch.empty(n_out, dtype=torch.float32, device=weight.device)
+    for start in range(0, n_out, rows_per_step):
+        rows = slice(start, min(start + rows_per_step, n_out))
+        dequantized = ((codes[rows].reshape(-1, n_in // group_size, group_size)
+                        - zeros[rows, :, None]) * scales[rows, :, None]).reshape(-1, n_in)
+        error = weight[rows].to(torch.float32) - dequantized
+        out[rows] = ((error @ hessian) * error).sum(dim=1)
+    return out
 
 
 def _keep_better_rows(weight, hessian, group_size, codes, scales, zeros):
     """(codes, scales, zeros) with every row whose round-to-nearest error is smaller replaced by
     round-to-nearest. Scales and zeros are already rounded as the checkpoint stores them."""
-    n_out, n_in = weight.shape
-    groups = weight.detach().to(torch.float32).reshape(-1, group_size)
-    rtn_scale, rtn_zero = int4_group_params(groups)
-    rtn_codes = int4_codes(groups, rtn_scale[:, None], rtn_zero[:, None]).reshape(n_out, n_in)
-    rtn_scale, rtn_zero = rtn_scale.reshape(n_out, -1), rtn_zero.reshape(n_out, -1)
     w = weight.detach()
+    rtn = Int4Linear.from_float(w, group_size=group_size)
+    rtn_codes = unpack_int4(rtn.qweight).to(codes.dtype)
+    rtn_scale, rtn_zero = rtn.scale.to(torch.float32), rtn.zero.to(torch.float32)
     better = (row_errors(w, hessian, rtn_codes, rtn_scale, rtn_zero, group_size)
               < row_errors(w, hessian, codes, scales, zeros, group_size))
     keep = better[:, None]
