@@ -353,12 +353,6 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         assert gptq < 0.8 * rtn and ordered < 0.8 * rtn, (group_size, rtn, gptq, ordered)
 
 
-def _module_row_errors(module, w, hessian):
-    codes = schemes.unpack_int4(module.qweight).float()
-    return row_errors(w, hessian, codes, module.scale.float(), module.zero.float(),
-                      module.group_size)
-
-
 def test_gptq_keeps_each_rows_better_of_gptq_and_rtn():
     g = torch.Generator().manual_seed(1)
     n_in, n_out, n_rows, group_size = 128, 64, 2048, 32
@@ -374,15 +368,12 @@ def test_gptq_keeps_each_rows_better_of_gptq_and_rtn():
     zero = torch.rand(n_grid, generator=g) * 15
     w[::2] = ((codes.reshape(n_out // 2, -1, group_size) - zero[..., None]) * scale[..., None]
               ).reshape(n_out // 2, n_in)
-    rtn = _module_row_errors(Int4Linear.from_float(w, group_size=group_size), w, hessian)
-    plain = _module_row_errors(gptq_int4(w, None, hessian, group_size, rtn_fallback=False), w,
-                               hessian)
-    kept = _module_row_errors(gptq_int4(w, None, hessian, group_size), w, hessian)
+    rtn_module = Int4Linear.from_float(w, group_size=group_size)
+    rtn = row_errors(rtn_module, w, hessian)
+    plain = row_errors(gptq_int4(w, None, hessian, group_size, rtn_fallback=False), w, hessian)
+    kept = row_errors(gptq_int4(w, None, hessian, group_size), w, hessian)
     assert torch.equal(kept, torch.minimum(rtn, plain))
-    module = Int4Linear.from_float(w, group_size=group_size)
-    in_steps = row_errors(w, hessian, schemes.unpack_int4(module.qweight).float(),
-                          module.scale.float(), module.zero.float(), group_size, rows_per_step=7)
-    torch.testing.assert_close(in_steps, rtn)
+    torch.testing.assert_close(row_errors(rtn_module, w, hessian, rows_per_step=7), rtn)
     # Neither method wins every row here (RTN takes 19 of 64), so the layer beats both.
     assert 0 < int((rtn < plain).sum()) < n_out
     assert kept.sum() < rtn.sum() and kept.sum() < plain.sum()

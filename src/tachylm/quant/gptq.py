@@ -32,10 +32,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tachylm.kernels.quant_matmul import linear_input_ref, make_fusion
+from tachylm.kernels.quant_matmul import dequantize_int4, linear_input_ref, make_fusion
 from tachylm.quant import HEAD, head_weight, set_module
-from tachylm.quant.schemes import (Int4Linear, check_group_size, int4_codes, int4_group_params,
-                                   pack_int4, unpack_int4)
+from tachylm.quant.schemes import Int4Linear, check_group_size, int4_codes, int4_group_params, pack_int4
 
 Progress = Callable[[str], None]
 
@@ -172,43 +171,37 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
         w[:, end:].addmm_(err_block, h_inv[start:end, end:], alpha=-1.0)
     if order is not None:
         codes = codes[:, torch.argsort(order)]
-    if rtn_fallback:
-        codes, scales, zeros = _keep_better_rows(weight, hessian, group_size, codes, scales, zeros)
-    return Int4Linear(pack_int4(codes), scales, zeros, group_size,
-                      None if bias is None else bias.detach().clone())
+    module = Int4Linear(pack_int4(codes), scales, zeros, group_size,
+                        None if bias is None else bias.detach().clone())
+    return _keep_better_rows(module, weight, hessian) if rtn_fallback else module
 
 
-def row_errors(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,
-               scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+def row_errors(module: Int4Linear, weight: torch.Tensor, hessian: torch.Tensor,
                rows_per_step: int = 4096) -> torch.Tensor:
-    """e H e^T for each row of e = weight - dequantized(codes, scales, zeros), float32 [N]: the
-    row's share of the layer's output error on the calibration inputs (H = 2 X^T X / n).
-    Computed `rows_per_step` rows at a time (a 128k-vocabulary head would otherwise need two
-    more float32 copies of itself)."""
-    n_out, n_in = weight.shape
+    """e H e^T for each row of e = weight - module's dequantized weight, float32 [N]: the row's
+    share of the layer's output error on the calibration inputs (H = 2 X^T X / n). Computed
+    `rows_per_step` rows at a time (a 128k-vocabulary head would otherwise need two more float32
+    copies of itself)."""
+    n_out = weight.shape[0]
     hessian = hessian.to(weight.device, torch.float32)
     out = torch.empty(n_out, dtype=torch.float32, device=weight.device)
     for start in range(0, n_out, rows_per_step):
         rows = slice(start, min(start + rows_per_step, n_out))
-        dequantized = ((codes[rows].reshape(-1, n_in // group_size, group_size)
-                        - zeros[rows, :, None]) * scales[rows, :, None]).reshape(-1, n_in)
-        error = weight[rows].to(torch.float32) - dequantized
+        error = weight[rows].to(torch.float32) - dequantize_int4(
+            module.qweight[rows], module.scale[rows], module.zero[rows], module.group_size)
         out[rows] = ((error @ hessian) * error).sum(dim=1)
     return out
 
 
-def _keep_better_rows(weight, hessian, group_size, codes, scales, zeros):
-    """(codes, scales, zeros) with every row whose round-to-nearest error is smaller replaced by
-    round-to-nearest. Scales and zeros are already rounded as the checkpoint stores them."""
+def _keep_better_rows(module: Int4Linear, weight: torch.Tensor, hessian: torch.Tensor) -> Int4Linear:
+    """`module` with every row whose round-to-nearest error is smaller replaced by round-to-nearest
+    (in place; both hold the rounded scales and zero points the checkpoint stores)."""
     w = weight.detach()
-    rtn = Int4Linear.from_float(w, group_size=group_size)
-    rtn_codes = unpack_int4(rtn.qweight).to(codes.dtype)
-    rtn_scale, rtn_zero = rtn.scale.to(torch.float32), rtn.zero.to(torch.float32)
-    better = (row_errors(w, hessian, rtn_codes, rtn_scale, rtn_zero, group_size)
-              < row_errors(w, hessian, codes, scales, zeros, group_size))
-    keep = better[:, None]
-    return (torch.where(keep, rtn_codes, codes), torch.where(keep, rtn_scale, scales),
-            torch.where(keep, rtn_zero, zeros))
+    rtn = Int4Linear.from_float(w, group_size=module.group_size)
+    keep = (row_errors(rtn, w, hessian) < row_errors(module, w, hessian))[:, None]
+    for name in ("qweight", "scale", "zero"):
+        setattr(module, name, torch.where(keep, getattr(rtn, name), getattr(module, name)))
+    return module
 
 
 def _block_linears(block: nn.Module) -> list[str]:
