@@ -53,7 +53,8 @@ from tachylm.quant import (SCHEMES, Fp8Linear, Int4Linear, Int8Linear, Quantized
                            apply_quant_option, linear_names, prepare_for_quantized_load, quantize_model,
                            quantized_modules)
 from tachylm.quant import schemes  # noqa: E402
-from tachylm.quant.gptq import calibration_windows, gptq_int4, row_errors  # noqa: E402
+from tachylm.quant import gptq  # noqa: E402
+from tachylm.quant.gptq import calibration_windows, gptq_int4, gptq_int8, row_errors  # noqa: E402
 from tachylm.build import build_quantized_model  # noqa: E402
 from tachylm.quant.io import is_quantized_folder, save_quantized  # noqa: E402
 
@@ -334,34 +335,35 @@ def test_fp8_on_a_gpu_without_fp8_is_a_clear_error(monkeypatch):
 # -- GPTQ ---------------------------------------------------------------------------------------
 
 
-def test_gptq_beats_rtn_on_correlated_inputs():
-    g = torch.Generator().manual_seed(0)
-    n_in, n_out, n_rows = 128, 64, 4096
-    # Inputs with strongly correlated features (a decaying spectrum), as real activations have.
+def _correlated_layer(seed: int, n_rows: int, n_in: int = 128, n_out: int = 64):
+    """(generator, inputs x [n_rows, n_in], weight [n_out, n_in], H = 2 x^T x / n_rows), the
+    inputs with strongly correlated features (a decaying spectrum), as real activations have."""
+    g = torch.Generator().manual_seed(seed)
     mixing = torch.randn(n_in, n_in, generator=g) * torch.logspace(0, -2, n_in)[:, None]
     x = torch.randn(n_rows, n_in, generator=g) @ mixing
     w = torch.randn(n_out, n_in, generator=g) * 0.05
-    hessian = 2 * x.T @ x / n_rows
+    return g, x, w, 2 * x.T @ x / n_rows
 
-    def error(module):
-        return torch.linalg.norm(x @ w.T - x @ module.dequantize().T).item()
 
+def _output_error(x, w):
+    return lambda module: torch.linalg.norm(x @ w.T - x @ module.dequantize().T).item()
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    _, x, w, hessian = _correlated_layer(0, 4096)
+    error = _output_error(x, w)
     for group_size in (32, 128):
         rtn = error(Int4Linear.from_float(w, group_size=group_size))
-        gptq = error(gptq_int4(w, None, hessian, group_size))
-        ordered = error(gptq_int4(w, None, hessian, group_size, act_order=True))
+        gptq = error(gptq_int4(w, None, hessian, group_size, act_order=False))
+        ordered = error(gptq_int4(w, None, hessian, group_size))  # act_order is the default
         assert gptq < 0.8 * rtn and ordered < 0.8 * rtn, (group_size, rtn, gptq, ordered)
 
 
 def test_gptq_keeps_each_rows_better_of_gptq_and_rtn():
-    g = torch.Generator().manual_seed(1)
-    n_in, n_out, n_rows, group_size = 128, 64, 2048, 32
-    mixing = torch.randn(n_in, n_in, generator=g) * torch.logspace(0, -2, n_in)[:, None]
-    x = torch.randn(n_rows, n_in, generator=g) @ mixing
-    hessian = 2 * x.T @ x / n_rows
+    n_in, n_out, group_size = 128, 64, 32
+    g, x, w, hessian = _correlated_layer(1, 2048, n_in, n_out)
     # Half the rows already on a 4-bit grid with float32 scales (as a model shipped in 4 bits;
     # RTN's bfloat16 scale misses it by a rounding), half not.
-    w = torch.randn(n_out, n_in, generator=g) * 0.05
     n_grid = (n_out // 2, n_in // group_size)
     codes = torch.randint(0, 16, (n_out // 2, n_in), generator=g).float()
     scale = torch.rand(n_grid, generator=g) * 0.01 + 0.002
@@ -370,13 +372,50 @@ def test_gptq_keeps_each_rows_better_of_gptq_and_rtn():
               ).reshape(n_out // 2, n_in)
     rtn_module = Int4Linear.from_float(w, group_size=group_size)
     rtn = row_errors(rtn_module, w, hessian)
-    plain = row_errors(gptq_int4(w, None, hessian, group_size, rtn_fallback=False), w, hessian)
-    kept = row_errors(gptq_int4(w, None, hessian, group_size), w, hessian)
+    # In column order: RTN takes 19 of 64 rows (with act-order, 1).
+    plain = row_errors(gptq_int4(w, None, hessian, group_size, rtn_fallback=False, act_order=False),
+                       w, hessian)
+    kept = row_errors(gptq_int4(w, None, hessian, group_size, act_order=False), w, hessian)
     assert torch.equal(kept, torch.minimum(rtn, plain))
     torch.testing.assert_close(row_errors(rtn_module, w, hessian, rows_per_step=7), rtn)
-    # Neither method wins every row here (RTN takes 19 of 64), so the layer beats both.
+    # Neither method wins every row here, so the layer beats both.
     assert 0 < int((rtn < plain).sum()) < n_out
     assert kept.sum() < rtn.sum() and kept.sum() < plain.sum()
+
+
+def test_gptq_int8_beats_rtn_and_keeps_its_format():
+    g, x, w, hessian = _correlated_layer(2, 4096)
+    bias = torch.randn(w.shape[0], generator=g)
+    error = _output_error(x, w)
+    rtn_module = Int8Linear.from_float(w)
+    rtn = error(rtn_module)
+    for act_order in (False, True):
+        module = gptq_int8(w, bias, hessian, act_order=act_order)
+        assert isinstance(module, Int8Linear) and module.spec() == {"scheme": "int8"}
+        assert module.qweight.dtype == torch.int8 and torch.equal(module.bias, bias)
+        assert torch.equal(module.scale, rtn_module.scale)  # round-to-nearest's scales
+        assert error(module) < 0.8 * rtn, (act_order, error(module), rtn)
+        # every row at least as good as round-to-nearest under the Hessian
+        assert (row_errors(module, w, hessian) <= row_errors(rtn_module, w, hessian)).all()
+        assert row_errors(module, w, hessian).sum() < row_errors(rtn_module, w, hessian).sum()
+
+
+def test_gptq_visits_columns_by_activation_unless_told(monkeypatch):
+    seen = []
+    for name in ("gptq_int4", "gptq_int8"):
+        real = getattr(gptq, name)
+
+        def spy(*args, act_order, real=real, which=name, **kwargs):
+            seen.append((which, act_order))
+            return real(*args, act_order=act_order, **kwargs)
+
+        monkeypatch.setattr(gptq, name, spy)
+    calibration = torch.randint(0, 100, (2, 16))
+    for mode, options, want in (("int4-gptq", {}, True), ("int8-gptq", {}, True),
+                                ("int8-gptq", {"act_order": False}, False)):
+        seen.clear()
+        quantize_model(_tiny_model(), mode, 32, calibration_tokens=calibration, **options)
+        assert seen and set(seen) == {(f"gptq_{mode[:4]}", want)}, (mode, seen)
 
 
 def test_gptq_output_is_an_ordinary_int4_module():
@@ -428,8 +467,9 @@ def test_quantize_model_leaves_the_tied_head_by_default():
 def test_apply_quant_option():
     model = _tiny_model()
     assert apply_quant_option(model, None) is model and not quantized_modules(model)
-    with pytest.raises(ValueError, match="offline"):
-        apply_quant_option(model, "int4-gptq")
+    for mode in ("int4-gptq", "int8-gptq"):
+        with pytest.raises(ValueError, match=f"offline: tachylm quantize MODEL --mode {mode}"):
+            apply_quant_option(model, mode)
     with pytest.raises(ValueError, match="unknown quantization mode 'int3'"):
         apply_quant_option(model, "int3")
     apply_quant_option(model, "fp8", device="cpu")
@@ -448,11 +488,14 @@ def test_gptq_model_is_better_than_rtn_on_its_calibration_distribution():
         quantize_model(model, mode, 32, include_head=True, **kwargs)
         return (model(held_out) - reference).pow(2).mean().item()
 
-    rtn = quantized("int4")
-    gptq = quantized("int4-gptq", calibration_tokens=calibration)
-    assert gptq < 0.8 * rtn, (gptq, rtn)
-    with pytest.raises(ValueError, match="calibration tokens"):
-        quantize_model(_tiny_model(), "int4-gptq", 32)
+    for scheme in ("int4", "int8"):
+        rtn = quantized(scheme)
+        gptq = quantized(f"{scheme}-gptq", calibration_tokens=calibration)
+        assert gptq < 0.8 * rtn, (scheme, gptq, rtn)
+        with pytest.raises(ValueError, match=f"{scheme}-gptq needs calibration tokens"):
+            quantize_model(_tiny_model(), f"{scheme}-gptq", 32)
+    with pytest.raises(ValueError, match="calibration applies to int4-gptq and int8-gptq only"):
+        quantize_model(_tiny_model(), "int8", 32, calibration_tokens=calibration)
 
 
 def test_prepare_for_quantized_load_rejects_bad_specs():
@@ -472,10 +515,11 @@ def test_prepare_for_quantized_load_rejects_bad_specs():
 
 @pytest.mark.parametrize("mode, tie, head, family", [
     ("int8", True, False, "llama"), ("int8", True, True, "qwen2"), ("fp8", False, True, "llama"),
-    ("int4", False, False, "qwen3"), ("int4-gptq", True, True, "llama")])
+    ("int4", False, False, "qwen3"), ("int4-gptq", True, True, "llama"),
+    ("int8-gptq", False, True, "qwen2")])
 def test_quantize_save_load_identical_logits(tmp_path, mode, tie, head, family):
     model = _tiny_model(tie=tie, family=family)
-    calibration = torch.randint(0, 100, (4, 16)) if mode == "int4-gptq" else None
+    calibration = torch.randint(0, 100, (4, 16)) if mode.endswith("-gptq") else None
     quantize_model(model, mode, 32, include_head=head, calibration_tokens=calibration)
     save_quantized(model, tmp_path, mode=mode)
     assert is_quantized_folder(tmp_path) and not is_quantized_folder(tmp_path / "model.safetensors")
@@ -612,11 +656,12 @@ def test_checkpoint_moves_between_cpu_and_cuda(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_host_model_quantized_on_cuda():
+@pytest.mark.parametrize("mode", ["int4-gptq", "int8-gptq"])
+def test_host_model_quantized_on_cuda(mode):
     calibration = torch.randint(0, 100, (8, 16))
     on_cpu, host = _tiny_model(), _tiny_model()
-    quantize_model(on_cpu, "int4-gptq", 32, include_head=True, calibration_tokens=calibration)
-    quantize_model(host, "int4-gptq", 32, include_head=True, calibration_tokens=calibration, device="cuda")
+    quantize_model(on_cpu, mode, 32, include_head=True, calibration_tokens=calibration)
+    quantize_model(host, mode, 32, include_head=True, calibration_tokens=calibration, device="cuda")
     assert all(t.device.type == "cpu" for t in host.state_dict().values())  # blocks went back home
     for (name, expected), got in zip(quantized_modules(on_cpu).items(), quantized_modules(host).values()):
         same = (expected.qweight == got.qweight).float().mean().item()
@@ -771,8 +816,11 @@ def test_cli_quantize_int8_then_eval(smollm_path, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_errors(smollm_path, tmp_path):
-    with pytest.raises(ValueError, match="needs --calib"):
-        _quant_cli(["quantize", smollm_path, "--mode", "int4-gptq", "-o", str(tmp_path)])
+    for mode in ("int4-gptq", "int8-gptq"):
+        with pytest.raises(ValueError, match=f"--mode {mode} needs --calib"):
+            _quant_cli(["quantize", smollm_path, "--mode", mode, "-o", str(tmp_path)])
+    with pytest.raises(ValueError, match="--calib applies to --mode int4-gptq or int8-gptq only, not int8"):
+        _quant_cli(["quantize", smollm_path, "--mode", "int8", "--calib", CALIB_TEXT, "-o", str(tmp_path)])
     with pytest.raises(ValueError, match="same"):
         _quant_cli(["quantize", smollm_path, "--mode", "int4-gptq", "--calib", EVAL_TEXT, "-o", str(tmp_path)])
     with pytest.raises(ValueError, match=r"in_features 576 is not a multiple of the int4 group size 128.*32 or 64"):

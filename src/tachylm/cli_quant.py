@@ -20,7 +20,8 @@ from tachylm.checkpoints.resolve import resolve_model
 from tachylm.engine import load_checkpoint, pick_device
 from tachylm.evaluate import perplexity_change, token_nlls
 from tachylm.model import Transformer
-from tachylm.quant import INT4_GROUP_SIZES, MODES, apply_quant_option, check_quantizable, quantize_model
+from tachylm.quant import (GPTQ_MODES, INT4_GROUP_SIZES, MODES, apply_quant_option, check_quantizable,
+                           quantize_model)
 from tachylm.quant.gptq import calibration_windows
 from tachylm.quant.io import is_quantized_folder, read_quantized_config, save_quantized
 from tachylm.tokenizer import Tokenizer, load_tokenizer
@@ -76,11 +77,12 @@ def _token_nlls(model: Transformer, ids: list[int], args, label: str) -> torch.T
 
 
 def cmd_quantize(args) -> int:
-    if args.mode == "int4-gptq" and args.calib is None:
-        raise ValueError("--mode int4-gptq needs --calib FILE: a text (different from the evaluation "
-                         "text) to calibrate on; the repository ships data/calib.txt")
-    if args.mode != "int4-gptq" and args.calib is not None:
-        raise ValueError(f"--calib applies to --mode int4-gptq only, not {args.mode}")
+    gptq = args.mode in GPTQ_MODES
+    if gptq and args.calib is None:
+        raise ValueError(f"--mode {args.mode} needs --calib FILE: a text (different from the "
+                         "evaluation text) to calibrate on; the repository ships data/calib.txt")
+    if not gptq and args.calib is not None:
+        raise ValueError(f"--calib applies to --mode {' or '.join(GPTQ_MODES)} only, not {args.mode}")
     eval_text = None if args.no_eval else str(args.eval_text or DEFAULT_EVAL_TEXT)
     if eval_text is not None and not os.path.isfile(eval_text):
         raise ValueError(f"evaluation text {eval_text!r} not found; pass --eval-text FILE or --no-eval")
@@ -113,7 +115,7 @@ def cmd_quantize(args) -> int:
         reference = _token_nlls(model, eval_ids, args, "unquantized")
     quantize_model(model, args.mode, args.group_size, args.quant_head, calibration, _progress,
                    device=device, **({"act_order": args.act_order, "damp": args.damp}
-                                     if args.mode == "int4-gptq" else {}))
+                                     if gptq else {}))
     extra = {"source": path}
     if calibration is not None:
         extra["calibration"] = {"file": os.path.basename(args.calib), "n_samples": args.calib_samples,
@@ -203,10 +205,12 @@ def add_quant_parsers(subparsers) -> None:
     p.add_argument("--mode", required=True, choices=MODES, help="quantization scheme")
     _add_group_args(p)
     p.add_argument("--calib", default=None, metavar="FILE",
-                   help="calibration text for int4-gptq (must differ from the evaluation text)")
+                   help="calibration text for int4-gptq and int8-gptq (must differ from the "
+                        "evaluation text)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize columns by decreasing activation (default on)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening (default 0.01)")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--eval-text", default=None, metavar="FILE",
@@ -223,7 +227,7 @@ def add_quant_parsers(subparsers) -> None:
     p = evals.add_parser("perplexity", help="sliding-window perplexity of a model on a text file")
     p.add_argument("model", help="alias, .gguf file, Hugging Face folder, hub repo id or quantized folder")
     p.add_argument("--text", required=True, metavar="FILE", help="the text to score")
-    p.add_argument("--quant", default=None, choices=[m for m in MODES if m != "int4-gptq"],
+    p.add_argument("--quant", default=None, choices=[m for m in MODES if m not in GPTQ_MODES],
                    help="quantize on the fly first (round-to-nearest)")
     p.add_argument("--compare", default=None, metavar="REF",
                    help="a second model (loaded as it is) scored on the same tokens: prints the "

@@ -11,6 +11,7 @@ Modes (what `--quant` / `--mode` accept):
     fp8        per-output-channel float8 e4m3, round-to-nearest (GPUs with compute capability >= 8.9)
     int4       groupwise asymmetric int4, round-to-nearest
     int4-gptq  the int4 format, weights chosen by GPTQ on calibration tokens (offline only)
+    int8-gptq  the int8 format (round-to-nearest's scales), codes chosen by GPTQ (offline only)
 
 Tied output head: with `include_head` the head becomes a quantized copy of the embedding table and
 the embedding itself stays in floating point (a lookup reads one row per token, so quantizing it
@@ -27,13 +28,14 @@ from torch import nn
 from tachylm.quant.schemes import (INT4_GROUP_SIZES, SCHEMES, Fp8Linear, Int4Linear, Int8Linear,
                                    QuantizedLinear, check_group_size)
 
-__all__ = ["HEAD", "INT4_GROUP_SIZES", "MODES", "SCHEMES", "Fp8Linear", "Int4Linear", "Int8Linear",
+__all__ = ["GPTQ_MODES", "HEAD", "INT4_GROUP_SIZES", "MODES", "SCHEMES", "Fp8Linear", "Int4Linear", "Int8Linear",
            "QuantizedLinear", "apply_quant_option", "linear_names", "module_specs",
            "prepare_for_quantized_load", "quantize_model", "quantized_modules", "scheme_for_mode"]
 
 Progress = Callable[[str], None]
 
-MODES = ("int8", "fp8", "int4", "int4-gptq")
+MODES = ("int8", "fp8", "int4", "int4-gptq", "int8-gptq")
+GPTQ_MODES = ("int4-gptq", "int8-gptq")
 HEAD = "lm_head"
 
 
@@ -41,7 +43,7 @@ def scheme_for_mode(mode: str) -> str:
     """The storage scheme a mode produces ("int4-gptq" -> "int4"); ValueError lists the modes."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
-    return "int4" if mode.startswith("int4") else mode
+    return mode.removesuffix("-gptq")
 
 
 def scheme_options(mode: str, group_size: int) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
         mode: one of `MODES`.
         group_size: int4 group size (32, 64, 128 or 256); must divide every quantized layer's width.
         include_head: quantize the output head too (a copy of the embedding when tied).
-        calibration_tokens: [n_samples, seq_len] token ids; required for "int4-gptq".
+        calibration_tokens: [n_samples, seq_len] token ids; required for the GPTQ modes.
         progress: called with one line per layer.
         device: where quantization runs and the quantized modules are placed; default each
             weight's own device. For GPTQ, the device the blocks visit one at a time.
@@ -137,16 +139,17 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
             missing calibration tokens.
     """
     names = check_quantizable(model, mode, group_size, include_head)
-    if mode == "int4-gptq":
+    if mode in GPTQ_MODES:
         if calibration_tokens is None:
-            raise ValueError("int4-gptq needs calibration tokens (tachylm quantize --calib FILE)")
+            raise ValueError(f"{mode} needs calibration tokens (tachylm quantize --calib FILE)")
         from tachylm.quant.gptq import gptq_quantize_model
 
-        gptq_quantize_model(model, calibration_tokens, group_size, include_head=include_head,
-                            device=device, progress=progress, **gptq_options)
+        gptq_quantize_model(model, calibration_tokens, group_size, scheme=scheme_for_mode(mode),
+                            include_head=include_head, device=device, progress=progress,
+                            **gptq_options)
         return module_specs(model)
     if calibration_tokens is not None or gptq_options:
-        raise ValueError(f"calibration applies to int4-gptq only, not {mode}")
+        raise ValueError(f"calibration applies to {' and '.join(GPTQ_MODES)} only, not {mode}")
     for i, name in enumerate(names):
         linear = model.get_submodule(name)
         weight = head_weight(model) if name == HEAD else None
@@ -173,9 +176,9 @@ def apply_quant_option(model: nn.Module, mode: str | None, group_size: int = 128
     """
     if mode is None:
         return model
-    if mode == "int4-gptq":
-        raise ValueError("int4-gptq needs calibration data and runs offline: "
-                         "tachylm quantize MODEL --mode int4-gptq --calib FILE -o DIR, then load DIR")
+    if mode in GPTQ_MODES:
+        raise ValueError(f"{mode} needs calibration data and runs offline: "
+                         f"tachylm quantize MODEL --mode {mode} --calib FILE -o DIR, then load DIR")
     quantize_model(model, mode, group_size, include_head, progress=progress, device=device)
     if device is not None:
         model.to(device)

@@ -1,5 +1,5 @@
-"""GPTQ (Frantar et al., 2022) for the int4 scheme: weights chosen to minimise each layer's output
-error on calibration activations, stored in the same format as round-to-nearest int4.
+"""GPTQ (Frantar et al., 2022) for the int4 and int8 schemes: codes chosen to minimise each layer's
+output error on calibration activations, stored in the same format as round-to-nearest's.
 
 Per Linear with weight W [N, K] and calibration inputs X [n, K]:
 
@@ -10,8 +10,9 @@ Per Linear with weight W [N, K] and calibration inputs X [n, K]:
    onto the rest of the matrix after each block.
 4. Groups are static (consecutive `group_size` columns, as in the RTN layout); a group's scale and
    zero are computed from the error-updated weights when its first column is reached. With
-   `act_order` (off by default) columns are visited by decreasing H_kk and the group grids are fixed
-   up front from the original weights, so the stored layout stays the same.
+   `act_order` (the default) columns are visited by decreasing H_kk and the group grids are fixed
+   up front from the original weights, so the stored layout stays the same. int8 has one scale
+   per row, round-to-nearest's, fixed up front.
 5. Each output row keeps whichever of its GPTQ and round-to-nearest quantizations has the smaller
    error e H e^T (e = the row's weight error, H undamped): the quantity GPTQ minimises, which is a
    sum over rows. GPTQ's column-by-column greed does not always beat RTN on it (on SmolLM2, shipped
@@ -34,9 +35,11 @@ from torch import nn
 
 from tachylm.kernels.quant_matmul import dequantize_int4, linear_input_ref, make_fusion
 from tachylm.quant import HEAD, head_weight, set_module
-from tachylm.quant.schemes import Int4Linear, check_group_size, int4_codes, int4_group_params, pack_int4
+from tachylm.quant.schemes import (Int4Linear, Int8Linear, check_group_size, int4_codes,
+                                   int4_group_params, pack_int4)
 
 Progress = Callable[[str], None]
+QuantizeColumn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 def calibration_windows(token_ids: list[int] | torch.Tensor, n_samples: int = 128,
@@ -97,9 +100,47 @@ def input_hessian(linear: nn.Module, run: Callable[[], None], in_features: int,
     return hessian.mul_(2.0 / rows)
 
 
+def _gptq_columns(weight: torch.Tensor, hessian: torch.Tensor, quantize: QuantizeColumn, *,
+                  damp: float, act_order: bool, block_size: int, name: str) -> None:
+    """The GPTQ column loop shared by the schemes (module docstring, steps 1-3).
+
+    `quantize(w_block, i, column)` rounds column i of the error-updated block `w_block` (the
+    weight's column `column`), stores its codes and returns it dequantized, [N] float32. With
+    `act_order` the columns are visited by decreasing H_kk; `column` is always the weight's own.
+    """
+    n_in = weight.shape[1]
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.to(device=weight.device, dtype=torch.float32).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0  # inputs that are always zero: their weights never matter
+    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
+    if order is not None:
+        w, h = w[:, order], h[order][:, order]
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    factor, info = torch.linalg.cholesky_ex(h)
+    if info.item() == 0:
+        factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    if info.item() != 0:
+        raise RuntimeError(f"{name}: GPTQ's Hessian is not positive definite even after dampening; "
+                           "calibrate on more tokens (--calib-samples) or raise the dampening")
+    h_inv = factor  # upper Cholesky factor of H^-1
+    columns = order.tolist() if order is not None else range(n_in)
+    for start in range(0, n_in, block_size):
+        end = min(start + block_size, n_in)
+        w_block = w[:, start:end].clone()
+        err_block = torch.empty_like(w_block)
+        h_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            err = (w_block[:, i] - quantize(w_block, i, columns[start + i])) / h_block[i, i]
+            w_block[:, i:].addr_(err, h_block[i, i:], alpha=-1.0)
+            err_block[:, i] = err
+        w[:, end:].addmm_(err_block, h_inv[start:end, end:], alpha=-1.0)
+
+
 @torch.no_grad()
 def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor, group_size: int, *,
-              damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+              damp: float = 0.01, act_order: bool = True, block_size: int = 128,
               rtn_fallback: bool = True, name: str = "layer") -> Int4Linear:
     """GPTQ-quantize one Linear to int4.
 
@@ -109,7 +150,9 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
         hessian: [K, K] float32, 2 X^T X / n of the layer's calibration inputs.
         group_size: int4 group size; must divide K.
         damp: diagonal dampening as a fraction of the mean diagonal.
-        act_order: visit columns by decreasing H_kk (static groups keep the layout).
+        act_order: visit columns by decreasing H_kk (static groups keep the layout). On SmolLM2
+            it gave +0.09% perplexity against +0.45% without for int8, -0.01% against +0.22%
+            at int4 group 32 and +15.8% against +24.9% at group 64.
         block_size: columns per lazy-update block (rounded up to a multiple of group_size).
         rtn_fallback: keep, for each output row, round-to-nearest where its error under the
             Hessian is smaller (step 5 of the module docstring).
@@ -120,63 +163,66 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
     """
     n_out, n_in = weight.shape
     check_group_size(n_in, group_size, name)
-    device = weight.device
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.to(device=device, dtype=torch.float32).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0  # inputs that are always zero: their weights never matter
     n_groups = n_in // group_size
-    scales = torch.empty(n_out, n_groups, device=device)
-    zeros = torch.empty(n_out, n_groups, device=device)
-    if act_order:
-        grouped = w.reshape(n_out * n_groups, group_size)
-        scale, zero = int4_group_params(grouped)
+    scales = torch.empty(n_out, n_groups, device=weight.device)
+    zeros = torch.empty(n_out, n_groups, device=weight.device)
+    if act_order:  # grids fixed up front from the original weights (dead inputs' as zero)
+        w = weight.detach().float().clone()
+        w[:, (torch.diagonal(hessian) == 0).to(w.device)] = 0.0
+        scale, zero = int4_group_params(w.reshape(n_out * n_groups, group_size))
         scales.copy_(scale.reshape(n_out, n_groups))
         zeros.copy_(zero.reshape(n_out, n_groups))
-        order = torch.argsort(torch.diagonal(h), descending=True)
-        w, h = w[:, order], h[order][:, order]
-    else:
-        order = None
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    factor, info = torch.linalg.cholesky_ex(h)
-    if info.item() == 0:
-        factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
-    if info.item() != 0:
-        raise RuntimeError(f"{name}: GPTQ's Hessian is not positive definite even after dampening; "
-                           "calibrate on more tokens (--calib-samples) or raise the dampening")
-    h_inv = factor  # upper Cholesky factor of H^-1
-    codes = torch.empty(n_out, n_in, device=device)
+    codes = torch.empty(n_out, n_in, device=weight.device)
+
+    def quantize(w_block: torch.Tensor, i: int, column: int) -> torch.Tensor:
+        group = column // group_size
+        if not act_order and column % group_size == 0:
+            # The whole group lies inside this block (block is a multiple of group_size), so its
+            # grid sees the error feedback from every column quantized so far.
+            scales[:, group], zeros[:, group] = int4_group_params(w_block[:, i:i + group_size])
+        q = int4_codes(w_block[:, i], scales[:, group], zeros[:, group])
+        codes[:, column] = q
+        return (q - zeros[:, group]) * scales[:, group]
+
     block = -(-max(block_size, group_size) // group_size) * group_size
-    for start in range(0, n_in, block):
-        end = min(start + block, n_in)
-        w_block = w[:, start:end].clone()
-        err_block = torch.empty_like(w_block)
-        h_block = h_inv[start:end, start:end]
-        for i in range(end - start):
-            column = start + i
-            if order is not None:
-                group = int(order[column]) // group_size
-                scale, zero = scales[:, group], zeros[:, group]
-            elif column % group_size == 0:
-                # The whole group lies inside this block (block is a multiple of group_size), so
-                # its grid sees the error feedback from every column quantized so far.
-                scale, zero = int4_group_params(w_block[:, i:i + group_size])
-                scales[:, column // group_size], zeros[:, column // group_size] = scale, zero
-            q = int4_codes(w_block[:, i], scale, zero)
-            codes[:, column] = q
-            err = (w_block[:, i] - (q - zero) * scale) / h_block[i, i]
-            w_block[:, i:].addr_(err, h_block[i, i:], alpha=-1.0)
-            err_block[:, i] = err
-        w[:, end:].addmm_(err_block, h_inv[start:end, end:], alpha=-1.0)
-    if order is not None:
-        codes = codes[:, torch.argsort(order)]
+    _gptq_columns(weight, hessian, quantize, damp=damp, act_order=act_order, block_size=block,
+                  name=name)
     module = Int4Linear(pack_int4(codes), scales, zeros, group_size,
                         None if bias is None else bias.detach().clone())
     return _keep_better_rows(module, weight, hessian) if rtn_fallback else module
 
 
-def row_errors(module: Int4Linear, weight: torch.Tensor, hessian: torch.Tensor,
+@torch.no_grad()
+def gptq_int8(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor, *,
+              damp: float = 0.01, act_order: bool = True, block_size: int = 128,
+              rtn_fallback: bool = True, name: str = "layer") -> Int8Linear:
+    """GPTQ-quantize one Linear to int8 (arguments as `gptq_int4`, without groups): each row's
+    scale is round-to-nearest's (absmax / 127 of the original row; weights the error feedback
+    pushes past it are clamped), and GPTQ chooses the codes."""
+    rtn = Int8Linear.from_float(weight.detach().float())
+    scale = rtn.scale
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+
+    def quantize(w_block: torch.Tensor, i: int, column: int) -> torch.Tensor:
+        q = torch.round(w_block[:, i] / scale).clamp_(-127, 127)
+        codes[:, column] = q.to(torch.int8)
+        return q * scale
+
+    _gptq_columns(weight, hessian, quantize, damp=damp, act_order=act_order, block_size=block_size,
+                  name=name)
+    module = Int8Linear(codes, scale, None if bias is None else bias.detach().clone())
+    return _keep_better_rows(module, weight, hessian, rtn) if rtn_fallback else module
+
+
+def _dequantized_rows(module: Int4Linear | Int8Linear, rows: slice) -> torch.Tensor:
+    """Rows of the weight a GPTQ-made module computes with, float32."""
+    if isinstance(module, Int4Linear):
+        return dequantize_int4(module.qweight[rows], module.scale[rows], module.zero[rows],
+                               module.group_size)
+    return module.qweight[rows].float() * module.scale[rows, None]
+
+
+def row_errors(module: Int4Linear | Int8Linear, weight: torch.Tensor, hessian: torch.Tensor,
                rows_per_step: int = 4096) -> torch.Tensor:
     """e H e^T for each row of e = weight - module's dequantized weight, float32 [N]: the row's
     share of the layer's output error on the calibration inputs (H = 2 X^T X / n). Computed
@@ -187,19 +233,21 @@ def row_errors(module: Int4Linear, weight: torch.Tensor, hessian: torch.Tensor,
     out = torch.empty(n_out, dtype=torch.float32, device=weight.device)
     for start in range(0, n_out, rows_per_step):
         rows = slice(start, min(start + rows_per_step, n_out))
-        error = weight[rows].to(torch.float32) - dequantize_int4(
-            module.qweight[rows], module.scale[rows], module.zero[rows], module.group_size)
+        error = weight[rows].to(torch.float32) - _dequantized_rows(module, rows)
         out[rows] = ((error @ hessian) * error).sum(dim=1)
     return out
 
 
-def _keep_better_rows(module: Int4Linear, weight: torch.Tensor, hessian: torch.Tensor) -> Int4Linear:
+def _keep_better_rows(module: Int4Linear | Int8Linear, weight: torch.Tensor, hessian: torch.Tensor,
+                      rtn: Int4Linear | Int8Linear | None = None) -> Int4Linear | Int8Linear:
     """`module` with every row whose round-to-nearest error is smaller replaced by round-to-nearest
-    (in place; both hold the rounded scales and zero points the checkpoint stores)."""
+    (`rtn`, made here if not given), in place; both hold what the checkpoint stores."""
     w = weight.detach()
-    rtn = Int4Linear.from_float(w, group_size=module.group_size)
+    if rtn is None:
+        rtn = Int4Linear.from_float(w, group_size=module.group_size)
     keep = (row_errors(rtn, w, hessian) < row_errors(module, w, hessian))[:, None]
-    for name in ("qweight", "scale", "zero"):
+    names = ("qweight", "scale", "zero") if isinstance(module, Int4Linear) else ("qweight",)
+    for name in names:  # int8: both share the scale
         setattr(module, name, torch.where(keep, getattr(rtn, name), getattr(module, name)))
     return module
 
@@ -210,21 +258,33 @@ def _block_linears(block: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, calibration_tokens: torch.Tensor, group_size: int = 128, *,
-                        include_head: bool = False, device: torch.device | str | None = None,
-                        damp: float = 0.01, act_order: bool = False, batch_size: int = 8,
+                        scheme: str = "int4", include_head: bool = False,
+                        device: torch.device | str | None = None, damp: float = 0.01,
+                        act_order: bool = True, batch_size: int = 8,
                         progress: Progress | None = None) -> None:
     """GPTQ every per-layer Linear (and the head with `include_head`) of a Transformer, in place.
 
     Args:
         model: the float model (wherever its weights live; blocks visit `device` one at a time).
         calibration_tokens: int64 [n_samples, seq_len] (see `calibration_windows`).
-        group_size: int4 group size.
+        group_size: int4 group size (unused for int8).
+        scheme: "int4" or "int8", the format the codes are stored in.
         include_head: quantize the output head too, from the final normed hidden states.
         device: where the math runs (default: where the model is).
         damp, act_order: see `gptq_int4`.
         batch_size: calibration samples per forward.
         progress: called with one line per block.
     """
+    if scheme not in ("int4", "int8"):
+        raise ValueError(f"GPTQ stores int4 or int8 codes, not {scheme!r}")
+
+    def solve(weight, bias, hessian, name):
+        options = dict(damp=damp, act_order=act_order, name=name)
+        if scheme == "int8":
+            return gptq_int8(weight, bias, hessian, **options)
+        return gptq_int4(weight, bias, hessian, group_size, **options)
+
+    what = "int8" if scheme == "int8" else f"int4, group size {group_size}"
     home = model.embed.weight.device
     device = torch.device(device) if device is not None else home
     tokens = torch.as_tensor(calibration_tokens, dtype=torch.long)
@@ -255,14 +315,13 @@ def gptq_quantize_model(model: nn.Module, calibration_tokens: torch.Tensor, grou
             linear = block.get_submodule(name)
             hessian = input_hessian(linear, run_block, linear.in_features, device)
             full_name = f"layers.{index}.{name}"
-            set_module(block, name, gptq_int4(linear.weight, linear.bias, hessian, group_size, damp=damp,
-                                              act_order=act_order, name=full_name))
+            set_module(block, name, solve(linear.weight, linear.bias, hessian, full_name))
             del linear, hessian
         for b in batches:  # the next block sees what the quantized block produces
             hidden[b] = block(hidden[b], cos, sin, None, index, input_pos, None)
         block.to(home)
         if progress is not None:
-            progress(f"GPTQ block {index + 1}/{n_layers} (int4, group size {group_size})")
+            progress(f"GPTQ block {index + 1}/{n_layers} ({what})")
     if include_head:
         norm = model.norm.to(device)
         normed = torch.cat([norm(hidden[b]) for b in batches]).reshape(-1, hidden.shape[-1])
@@ -273,7 +332,7 @@ def gptq_quantize_model(model: nn.Module, calibration_tokens: torch.Tensor, grou
         weight = head_weight(model).to(device)
         bias = model.get_submodule(HEAD).bias
         bias = None if bias is None else bias.to(device)
-        head = gptq_int4(weight, bias, hessian, group_size, damp=damp, act_order=act_order, name=HEAD)
+        head = solve(weight, bias, hessian, HEAD)
         set_module(model, HEAD, head.to(home))
         if progress is not None:
-            progress(f"GPTQ {HEAD} (int4, group size {group_size})")
+            progress(f"GPTQ {HEAD} ({what})")

@@ -84,7 +84,7 @@ def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: 
     Args:
         model: a Transformer after `quantize_model` (any device).
         folder: created if needed; files of the same names are overwritten.
-        mode: the quantization mode it was made with ("int8", "fp8", "int4", "int4-gptq").
+        mode: the quantization mode it was made with (`tachylm.quant.MODES`).
         tokenizer_source: the source checkpoint (.gguf file or Hugging Face folder) whose tokenizer
             and chat template go along; None writes no tokenizer files.
         dtype: dtype for the floating-point tensors (embedding, norms, biases); default as they are.
