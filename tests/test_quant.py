@@ -663,9 +663,16 @@ def test_host_model_quantized_on_cuda(mode):
     quantize_model(on_cpu, mode, 32, include_head=True, calibration_tokens=calibration)
     quantize_model(host, mode, 32, include_head=True, calibration_tokens=calibration, device="cuda")
     assert all(t.device.type == "cpu" for t in host.state_dict().values())  # blocks went back home
+    # Rounding ties may flip a few codes, and later layers see inputs computed on another device;
+    # int8's grid is 16 times finer than int4's, so more of its codes sit near a tie (on an H100:
+    # 17 of 8192 in one layer), each one step off.
+    identical = 0.99 if mode == "int8-gptq" else 0.999
     for (name, expected), got in zip(quantized_modules(on_cpu).items(), quantized_modules(host).values()):
-        same = (expected.qweight == got.qweight).float().mean().item()
-        assert same > (0.99 if name == "lm_head" else 0.999), name  # rounding ties may flip a few codes
+        codes = schemes.unpack_int4 if mode == "int4-gptq" else (lambda q: q)
+        step = (codes(expected.qweight).int() - codes(got.qweight).int()).abs()
+        same = (step == 0).float().mean().item()
+        assert same > (0.99 if name == "lm_head" else identical), (name, same)
+        assert (step <= 1).float().mean().item() > 0.999, name
     rtn = _tiny_model()
     apply_quant_option(rtn, "int8", device="cuda")
     assert all(t.device.type == "cuda" for t in rtn.state_dict().values())
