@@ -436,6 +436,11 @@ def test_calibration_windows():
     assert windows[0, 0] == 0 and windows[-1, -1] == 99  # spread over the whole text
     with pytest.raises(ValueError, match=r"has 100 tokens but 8 samples x 20 tokens = 160"):
         calibration_windows(list(range(100)), n_samples=8, seq_len=20)
+    # By default as many windows as the text holds, at most 128.
+    assert calibration_windows(list(range(100)), seq_len=20).shape == (5, 20)
+    assert calibration_windows(list(range(5000)), seq_len=16).shape == (128, 16)
+    with pytest.raises(ValueError, match=r"has 10 tokens, fewer than one window of 20"):
+        calibration_windows(list(range(10)), seq_len=20)
 
 
 # -- the model transform --------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def cmd_quantize(args) -> int:
                                      if gptq else {}))
     extra = {"source": path}
     if calibration is not None:
-        extra["calibration"] = {"file": os.path.basename(args.calib), "n_samples": args.calib_samples,
+        extra["calibration"] = {"file": os.path.basename(args.calib), "n_samples": calibration.shape[0],
                                 "seq_len": args.calib_seq_len, "act_order": args.act_order, "damp": args.damp}
     save_quantized(model, args.output, mode=args.mode, tokenizer_source=path, dtype=dtype, extra=extra)
     _progress(f"saved {args.output}")
@@ -207,7 +207,8 @@ def add_quant_parsers(subparsers) -> None:
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration text for int4-gptq and int8-gptq (must differ from the "
                         "evaluation text)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration windows (default: as many as the text holds, at most 128)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize columns by decreasing activation (default on)")

@@ -42,20 +42,30 @@ Progress = Callable[[str], None]
 QuantizeColumn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def calibration_windows(token_ids: list[int] | torch.Tensor, n_samples: int = 128,
+MAX_CALIBRATION_SAMPLES = 128
+
+
+def calibration_windows(token_ids: list[int] | torch.Tensor, n_samples: int | None = None,
                         seq_len: int = 512) -> torch.Tensor:
     """Split calibration text tokens into `n_samples` non-overlapping windows of `seq_len`.
 
-    Windows are spread evenly over the text (so a long text is sampled throughout).
+    Windows are spread evenly over the text (so a long text is sampled throughout). n_samples
+    None: as many as the text holds, at most `MAX_CALIBRATION_SAMPLES`.
 
     Returns:
         int64 [n_samples, seq_len].
     Raises:
-        ValueError: the text holds fewer than n_samples * seq_len tokens.
+        ValueError: the text holds fewer than n_samples * seq_len tokens (or, with n_samples None,
+            fewer than one window).
     """
+    tokens = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if n_samples is None:
+        n_samples = min(MAX_CALIBRATION_SAMPLES, tokens.numel() // max(seq_len, 1))
+        if n_samples < 1:
+            raise ValueError(f"the calibration text has {tokens.numel()} tokens, fewer than one "
+                             f"window of {seq_len}; give a longer text or lower --calib-seq-len")
     if n_samples < 1 or seq_len < 2:
         raise ValueError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
-    tokens = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     need = n_samples * seq_len
     if tokens.numel() < need:
         raise ValueError(f"the calibration text has {tokens.numel()} tokens but {n_samples} samples x "
