@@ -18,8 +18,8 @@ Every dispatcher also takes the element-wise steps of a decoder layer around the
 (`Fusion`): `norm=(weight, eps)` (RMSNorm of x first), `swiglu=True` (the product is [gate | up]:
 return SiLU(gate) * up) and `residual=` (added to the result). The one-row kernel does all three;
 the tensor-core kernel does SwiGLU and the residual and leaves the RMSNorm to PyTorch ops before
-it (inside, it once cost int4 decode 7%, and after the SwiGLU change it measured within noise of
-outside; the kernel still supports it and the tests cover it); the cuBLAS paths do them as PyTorch
+it (inside, it cost int4 decode 7% once and 3% with the current kernels; the kernel still
+supports it and the tests cover it); the cuBLAS paths do them as PyTorch
 ops (`fused_linear_ref`), where torch.compile fuses them with their neighbours.
 
 Canonical layouts (the kernels read them as they are; there is no repacking step):
@@ -1556,8 +1556,8 @@ def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
                                 fusion)
     if _kernel_kind(scheme, m) == "dot" and fusion.norm_weight is not None:
         # The tensor-core kernel takes SwiGLU and the residual but not the RMSNorm: computing it
-        # between its x loads and the MMA cost int4 decode 7% on an H100 when it was tried, and
-        # measured within noise of this once SwiGLU moved to the epilogue (BENCHMARKS.md).
+        # between its x loads and the MMA cost int4 decode 7% on an H100 when it was first tried,
+        # and 3% with the current kernels (339.9 against 350.1-351.5 tokens/s, BENCHMARKS.md).
         x = linear_input_ref(x, fusion)
         fusion = fusion._replace(norm_weight=None)
     n_out = _out_features(n, fusion.swiglu)
