@@ -672,8 +672,8 @@ def test_host_model_quantized_on_cuda(mode):
     # int8's grid is 16 times finer than int4's, so more of its codes sit near a tie (on an H100:
     # 17 of 8192 in one layer), each one step off.
     identical = 0.99 if mode == "int8-gptq" else 0.999
+    codes = schemes.unpack_int4 if mode == "int4-gptq" else (lambda q: q)
     for (name, expected), got in zip(quantized_modules(on_cpu).items(), quantized_modules(host).values()):
-        codes = schemes.unpack_int4 if mode == "int4-gptq" else (lambda q: q)
         step = (codes(expected.qweight).int() - codes(got.qweight).int()).abs()
         same = (step == 0).float().mean().item()
         assert same > (0.99 if name == "lm_head" else identical), (name, same)

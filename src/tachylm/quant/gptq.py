@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tachylm.kernels.quant_matmul import dequantize_int4, linear_input_ref, make_fusion
+from tachylm.kernels.quant_matmul import linear_input_ref, make_fusion
 from tachylm.quant import HEAD, head_weight, set_module
 from tachylm.quant.schemes import (Int4Linear, Int8Linear, check_group_size, int4_codes,
                                    int4_group_params, pack_int4)
@@ -199,7 +199,10 @@ def gptq_int4(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
                   name=name)
     module = Int4Linear(pack_int4(codes), scales, zeros, group_size,
                         None if bias is None else bias.detach().clone())
-    return _keep_better_rows(module, weight, hessian) if rtn_fallback else module
+    if not rtn_fallback:
+        return module
+    return _keep_better_rows(module, weight, hessian,
+                             Int4Linear.from_float(weight, group_size=group_size))
 
 
 @torch.no_grad()
@@ -209,7 +212,7 @@ def gptq_int8(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
     """GPTQ-quantize one Linear to int8 (arguments as `gptq_int4`, without groups): each row's
     scale is round-to-nearest's (absmax / 127 of the original row; weights the error feedback
     pushes past it are clamped), and GPTQ chooses the codes."""
-    rtn = Int8Linear.from_float(weight.detach().float())
+    rtn = Int8Linear.from_float(weight)
     scale = rtn.scale
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
 
@@ -224,14 +227,6 @@ def gptq_int8(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
     return _keep_better_rows(module, weight, hessian, rtn) if rtn_fallback else module
 
 
-def _dequantized_rows(module: Int4Linear | Int8Linear, rows: slice) -> torch.Tensor:
-    """Rows of the weight a GPTQ-made module computes with, float32."""
-    if isinstance(module, Int4Linear):
-        return dequantize_int4(module.qweight[rows], module.scale[rows], module.zero[rows],
-                               module.group_size)
-    return module.qweight[rows].float() * module.scale[rows, None]
-
-
 def row_errors(module: Int4Linear | Int8Linear, weight: torch.Tensor, hessian: torch.Tensor,
                rows_per_step: int = 4096) -> torch.Tensor:
     """e H e^T for each row of e = weight - module's dequantized weight, float32 [N]: the row's
@@ -243,22 +238,20 @@ def row_errors(module: Int4Linear | Int8Linear, weight: torch.Tensor, hessian: t
     out = torch.empty(n_out, dtype=torch.float32, device=weight.device)
     for start in range(0, n_out, rows_per_step):
         rows = slice(start, min(start + rows_per_step, n_out))
-        error = weight[rows].to(torch.float32) - _dequantized_rows(module, rows)
+        error = weight[rows].to(torch.float32) - module.dequantize(rows)
         out[rows] = ((error @ hessian) * error).sum(dim=1)
     return out
 
 
 def _keep_better_rows(module: Int4Linear | Int8Linear, weight: torch.Tensor, hessian: torch.Tensor,
-                      rtn: Int4Linear | Int8Linear | None = None) -> Int4Linear | Int8Linear:
-    """`module` with every row whose round-to-nearest error is smaller replaced by round-to-nearest
-    (`rtn`, made here if not given), in place; both hold what the checkpoint stores."""
-    w = weight.detach()
-    if rtn is None:
-        rtn = Int4Linear.from_float(w, group_size=module.group_size)
-    keep = (row_errors(rtn, w, hessian) < row_errors(module, w, hessian))[:, None]
-    names = ("qweight", "scale", "zero") if isinstance(module, Int4Linear) else ("qweight",)
-    for name in names:  # int8: both share the scale
-        setattr(module, name, torch.where(keep, getattr(rtn, name), getattr(module, name)))
+                      rtn: Int4Linear | Int8Linear) -> Int4Linear | Int8Linear:
+    """`module` with every row whose round-to-nearest error is smaller taken from `rtn` (the same
+    scheme, made without a bias), in place: each of rtn's buffers (codes, scales, zero points;
+    all indexed by output row first)."""
+    keep = row_errors(rtn, weight, hessian) < row_errors(module, weight, hessian)
+    for name, rows in rtn.named_buffers():
+        mine = getattr(module, name)
+        setattr(module, name, torch.where(keep.view(-1, *[1] * (mine.dim() - 1)), rows, mine))
     return module
 
 

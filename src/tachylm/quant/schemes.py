@@ -84,8 +84,9 @@ class QuantizedLinear(nn.Module):
         """A module with the right tensor shapes and dtypes but no values (for assign-loading)."""
         raise NotImplementedError
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight the module computes with, [out_features, in_features], float32."""
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight the module computes with, [out_features, in_features], float32 (only the
+        output rows `rows` where given)."""
         raise NotImplementedError
 
     def shard(self, dim: int, index: int, count: int) -> "QuantizedLinear":
@@ -260,8 +261,8 @@ class _RowwiseLinear(QuantizedLinear):
                    torch.empty(out_features, dtype=torch.float32, device=device),
                    torch.empty(out_features, device=device) if bias else None)
 
-    def dequantize(self):
-        return self.qweight.float() * self.scale[:, None]
+    def dequantize(self, rows=slice(None)):
+        return self.qweight[rows].float() * self.scale[rows, None]
 
     def shard(self, dim, index, count):
         _check_shard(self, dim, index, count)
@@ -483,8 +484,9 @@ class Int4Linear(QuantizedLinear):
         return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias,
                                    **fusion)
 
-    def dequantize(self):
-        return kernels.dequantize_int4(self.qweight, self.scale, self.zero, self.group_size)
+    def dequantize(self, rows=slice(None)):
+        return kernels.dequantize_int4(self.qweight[rows], self.scale[rows], self.zero[rows],
+                                       self.group_size)
 
     def shard(self, dim, index, count):
         _check_shard(self, dim, index, count)
