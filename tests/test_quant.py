@@ -418,6 +418,11 @@ def test_gptq_visits_columns_by_activation_unless_told(monkeypatch):
         assert seen and set(seen) == {(f"gptq_{mode[:4]}", want)}, (mode, seen)
 
 
+def test_gptq_refuses_a_scheme_without_codes_to_choose():
+    with pytest.raises(ValueError, match="GPTQ stores int4 or int8 codes, not 'fp8'"):
+        gptq.gptq_quantize_model(_tiny_model(), torch.randint(0, 100, (2, 16)), scheme="fp8")
+
+
 def test_gptq_output_is_an_ordinary_int4_module():
     w, bias = _weight(), torch.randn(48)
     x = torch.randn(512, 128)
