@@ -54,6 +54,11 @@ def rotary(name, batch, head_dim):
     return angles.cos(), angles.sin()
 
 
+def rotary_tables(name, slots, head_dim):
+    """cos/sin tables [slots, D/2] float32 of random angles (rows read at each position)."""
+    return rotary(name + "-table", slots, head_dim)
+
+
 def rel_err(out, ref):
     return float((out.double() - ref).abs().max() / ref.abs().max())
 
@@ -95,6 +100,23 @@ def test_reference_writes_this_steps_key_and_value():
     k[:, :, 20:], v[:, :, 20:] = 7.0, -7.0
     out = decode_attention(q, k, v, pos, cos, sin, new_k, new_v, kv_limit=20)
     assert rel_err(out, want) < 1e-5
+
+
+def test_reference_reads_rotary_tables_at_each_position():
+    """rope_table=True: cos/sin are whole tables and each row takes its position's row, as the
+    model's decode passes them (the same result as the gathered rows)."""
+    q, k, v, pos = inputs("reftable", 2, 8, 2, 40, 32, torch.float32, [17, 3])
+    cos_t, sin_t = rotary_tables("reftable", 40, 32)
+    new_k, new_v, _, _ = new_entries("reftable", k, cos_t[pos], sin_t[pos])
+    k2, v2 = k.clone(), v.clone()
+    out = decode_attention(q, k, v, pos, cos_t, sin_t, new_k, new_v, rope_table=True)
+    want = decode_attention(q, k2, v2, pos, cos_t[pos], sin_t[pos], new_k, new_v)
+    assert torch.equal(out, want) and torch.equal(k, k2) and torch.equal(v, v2)
+    with pytest.raises(ValueError, match=r"the cos table must be float32 \[P, 16\] with P >= "
+                                         "the cache's 40 slots"):
+        decode_attention(q, k, v, pos, cos_t[:39], sin_t[:39], rope_table=True)
+    with pytest.raises(ValueError, match="rope_table=True needs the cos and sin tables"):
+        decode_attention(q, k, v, pos, rope_table=True)
 
 
 def test_bad_shapes_raise_clear_errors():
@@ -142,6 +164,8 @@ def test_splits_cover_the_gpu_but_not_past_the_cache():
 
 # name -> (batch, H, KVH, slots, head_dim, dtype, positions, splits, rotate q, min_slice, write);
 # a min_slice runs every length in slices (no one-program rows), None the kernel's defaults.
+# "rotate q" is False, True (cos/sin rows per batch row) or "table" (rope_table: the kernel reads
+# the tables' row at each position).
 CASES = {
     "mha-fp32-split4": (1, 4, 4, 130, 32, "fp32", [129], 4, False, 64, False),
     "gqa-bf16-ragged": (2, 8, 2, 200, 32, "bf16", [0, 136], 4, False, 64, False),
@@ -159,6 +183,8 @@ CASES = {
     # the new slot alone in the last slice (nothing of it read from the cache), three of four
     # slices in use
     "write-new-slot-alone": (1, 8, 2, 200, 32, "bf16", [128], 4, True, 64, True),
+    "table-write-bf16-merge": (2, 8, 2, 200, 64, "bf16", [130, 7], 4, "table", 64, True),
+    "table-fp32-one-program": (3, 8, 2, 96, 32, "fp32", [95, 0, 40], 2, "table", None, False),
 }
 
 
@@ -184,6 +210,10 @@ def _interpreter_child():
         batch, heads, kv_heads, slots, head_dim, dtype, pos, splits, rope, min_slice, write = case
         q, k, v, input_pos = inputs(name, batch, heads, kv_heads, slots, head_dim, DTYPES[dtype], pos)
         cos, sin = rotary(name, batch, head_dim) if rope else (None, None)
+        table = rope == "table"
+        if table:  # the kernel gets the tables; the oracle and the expected cache their rows
+            cos_t, sin_t = rotary_tables(name, slots, head_dim)
+            cos, sin = cos_t[input_pos], sin_t[input_pos]
         new_k = new_v = None
         if write:
             new_k, new_v, stored_k, stored_v = new_entries(name, k, cos, sin)
@@ -192,9 +222,11 @@ def _interpreter_child():
             want_k[rows, :, input_pos], want_v[rows, :, input_pos] = stored_k, stored_v
             k[rows, :, input_pos] = v[rows, :, input_pos] = torch.tensor(1e4, dtype=k.dtype)
         try:
-            out = decode_attention_triton(q, k, v, input_pos, cos, sin, new_k, new_v,
+            out = decode_attention_triton(q, k, v, input_pos, cos_t if table else cos,
+                                          sin_t if table else sin, new_k, new_v,
                                           splits=splits, min_slice=min_slice,
-                                          one_program=None if min_slice is None else 0)
+                                          one_program=None if min_slice is None else 0,
+                                          rope_table=table)
             result = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
                       "dtype": str(out.dtype), "shape": list(out.shape),
                       "counters": int(qm.split_counters(q.device).abs().sum())}
@@ -248,21 +280,26 @@ def test_cuda_kernel_matches_reference(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("table", [False, True])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_cuda_kernel_writes_the_cache(dtype):
+def test_cuda_kernel_writes_the_cache(dtype, table):
     """With new_k/new_v the kernel stores them (the key rotated) and attends with them, never with
-    what the slot held before; short rows take one program per head, long ones merge slices."""
+    what the slot held before; short rows take one program per head, long ones merge slices.
+    With `table` it reads the rotary tables at each row's position itself."""
     q, k, v, pos = inputs("cw" + dtype, 3, 32, 8, 4096, 128, DTYPES[dtype], [3, 700, 4095])
-    cos, sin = rotary("cw" + dtype, 3, 128)
+    cos_t, sin_t = rotary_tables("cw" + dtype, 4096, 128)
+    cos, sin = cos_t[pos], sin_t[pos]
     new_k, new_v, stored_k, stored_v = new_entries("cw" + dtype, k, cos, sin)
     rows = torch.arange(3)
     want_k, want_v = k.clone(), v.clone()
     want_k[rows, :, pos], want_v[rows, :, pos] = stored_k, stored_v
     want = oracle(q, want_k, want_v, pos, cos, sin)
     k[rows, :, pos] = v[rows, :, pos] = torch.tensor(1e4, dtype=k.dtype)  # stale garbage
+    if table:
+        cos, sin = cos_t, sin_t
     q, k, v, pos, cos, sin, new_k, new_v = (t.cuda() for t in (q, k, v, pos, cos, sin, new_k,
                                                                  new_v))
-    out = decode_attention(q, k, v, pos, cos, sin, new_k, new_v)
+    out = decode_attention(q, k, v, pos, cos, sin, new_k, new_v, rope_table=table)
     tolerance = {"fp32": 1e-5, "bf16": 2e-2}[dtype]
     assert rel_err(out.cpu(), want) < tolerance
     cache_tolerance = {"fp32": 1e-6, "bf16": 1e-2}[dtype]

@@ -94,8 +94,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, layer: int, input_pos: torch.Tensor, cache: KVCache | None,
-                kv_limit: int | None = None) -> torch.Tensor:
-        """x + attention(norm(x)): the norm and the residual add happen in the projections."""
+                kv_limit: int | None = None, rope_tables: tuple | None = None) -> torch.Tensor:
+        """x + attention(norm(x)): the norm and the residual add happen in the projections.
+
+        rope_tables: optional (cos, sin) tables [P, head_dim / 2] that cos and sin were gathered
+        from; decode hands them to the attention kernel, which reads each row's position itself.
+        """
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x, norm=norm.fused())
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -109,8 +113,12 @@ class Attention(nn.Module):
             # Decode: one kernel rotates q and k, writes k and v into the cache and attends over
             # its filled part.
             k_layer, v_layer = cache.layer(layer)
-            out = decode_attention(q[:, :, 0], k_layer, v_layer, input_pos[:, 0], cos[:, 0, 0],
-                                   sin[:, 0, 0], k[:, :, 0], v[:, :, 0], kv_limit)
+            if rope_tables is not None and rope_tables[0].shape[0] >= k_layer.shape[2]:
+                rope_cos, rope_sin, table = *rope_tables, True
+            else:
+                rope_cos, rope_sin, table = cos[:, 0, 0], sin[:, 0, 0], False
+            out = decode_attention(q[:, :, 0], k_layer, v_layer, input_pos[:, 0], rope_cos,
+                                   rope_sin, k[:, :, 0], v[:, :, 0], kv_limit, rope_table=table)
             return self.o_proj(out.reshape(batch, 1, self.q_size), residual=x)  # out: [B, H, D]
         k = apply_rotary(k, cos, sin)
         if cache is not None:
@@ -154,8 +162,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, layer, input_pos, cache, kv_limit=None):
-        x = self.attn(x, self.attn_norm, cos, sin, mask, layer, input_pos, cache, kv_limit)
+    def forward(self, x, cos, sin, mask, layer, input_pos, cache, kv_limit=None, rope_tables=None):
+        x = self.attn(x, self.attn_norm, cos, sin, mask, layer, input_pos, cache, kv_limit,
+                      rope_tables)
         return self.mlp(x, self.mlp_norm)
 
 
@@ -214,7 +223,8 @@ class Transformer(nn.Module):
             mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, S]
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, i, input_pos, cache, kv_limit)
+            x = layer(x, cos, sin, mask, i, input_pos, cache, kv_limit,
+                      (self.rope_cos, self.rope_sin))
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index][:, None]
         return self.lm_head(x, norm=self.norm.fused()).float()

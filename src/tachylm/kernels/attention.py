@@ -27,8 +27,11 @@ input_pos [B] integer, the position of each row's query, 0 <= input_pos[b] < S (
 to slots 0..input_pos[b]); out [B, H, D] in q's dtype. H is a multiple of KVH
 and the query heads h of kv head j are j * (H / KVH) ... (j + 1) * (H / KVH) - 1, as in
 `model.grouped_attention`. The softmax scale is 1 / sqrt(D) (SDPA's default). cos, sin
-[B, D / 2] float32 (optional): q is rotated by `apply_rotary` first. new_k, new_v [B, KVH, D]
-(optional, any of the attention dtypes, D contiguous): stored in k and v's dtype.
+[B, D / 2] float32 (optional): q is rotated by `apply_rotary` first. With `rope_table`, cos and
+sin are the whole rotary tables [P, D / 2] (P >= S) and each row reads the table's row at its
+position: the kernel gathers them itself. (Given the gathered [B, D / 2] rows, a compiled step
+computes that gather again before every layer's attention: two more kernels a layer.) new_k, new_v
+[B, KVH, D] (optional, any of the attention dtypes, D contiguous): stored in k and v's dtype.
 """
 
 import contextlib
@@ -58,7 +61,8 @@ _MIN_SLICE = 64
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
            cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-           new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None) -> None:
+           new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+           rope_table: bool = False) -> None:
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"decode_attention: expected q [B, H, D] and k, v [B, KVH, S, D], got "
                          f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
@@ -71,8 +75,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.T
                          f"{input_pos.dtype} {list(input_pos.shape)}")
     if (cos is None) != (sin is None):
         raise ValueError("decode_attention: give both cos and sin, or neither")
+    if rope_table and cos is None:
+        raise ValueError("decode_attention: rope_table=True needs the cos and sin tables")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t is not None and (tuple(t.shape) != (batch, head_dim // 2) or t.dtype != torch.float32):
+        if t is None:
+            continue
+        if rope_table:
+            if (t.dim() != 2 or t.shape[0] < k.shape[2] or t.shape[1] != head_dim // 2
+                    or t.dtype != torch.float32):
+                raise ValueError(f"decode_attention: the {name} table must be float32 [P, "
+                                 f"{head_dim // 2}] with P >= the cache's {k.shape[2]} slots, got "
+                                 f"{t.dtype} {list(t.shape)}")
+        elif tuple(t.shape) != (batch, head_dim // 2) or t.dtype != torch.float32:
             raise ValueError(f"decode_attention: {name} must be float32 [{batch}, {head_dim // 2}], "
                              f"got {t.dtype} {list(t.shape)}")
     if (new_k is None) != (new_v is None):
@@ -101,13 +115,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          input_pos: torch.Tensor, cos: torch.Tensor | None = None,
                          sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
-                         new_v: torch.Tensor | None = None, kv_limit: int | None = None
-                         ) -> torch.Tensor:
+                         new_v: torch.Tensor | None = None, kv_limit: int | None = None,
+                         rope_table: bool = False) -> torch.Tensor:
     """Attention of one query per row over cache slots 0..input_pos[b]; see the module docstring.
 
     Args:
         q: [B, H, D]; k, v: [B, KVH, S, D]; input_pos: [B] integer, each in 0..S-1.
         cos, sin: optional [B, D / 2] float32: rotate q (and new_k) first.
+        rope_table: cos and sin are the rotary tables [P, D / 2], read at each row's position.
         new_k, new_v: optional [B, KVH, D]: this step's key (rotated here like q) and value,
             written into k and v at slot input_pos[b] before attending.
         kv_limit: attend over slots [0, kv_limit) only (every input_pos below it): a shorter read
@@ -115,7 +130,9 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         [B, H, D] in q's dtype.
     """
-    _check(q, k, v, input_pos, cos, sin, new_k, new_v)
+    _check(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table)
+    if rope_table:
+        cos, sin = cos[input_pos], sin[input_pos]
     if new_k is not None:
         if cos is not None:
             new_k = apply_rotary(new_k, cos[:, None], sin[:, None])
@@ -165,7 +182,7 @@ if HAS_TRITON:
         N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
         ONE_PROGRAM: tl.constexpr, MIN_SLICE: tl.constexpr, PRECISION: tl.constexpr,
-        ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr,
+        ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_start(PDL)  # programmatic dependent launch: see quant_matmul.pdl_launch
         pid_h = tl.program_id(0)  # b * N_KV_HEADS + kv head
@@ -196,8 +213,10 @@ if HAS_TRITON:
         q1 = tl.load(q_rows + offs_h[None, :], mask=g_ok[:, None], other=0.0)
         q2 = tl.load(q_rows + HALF + offs_h[None, :], mask=g_ok[:, None], other=0.0)
         if ROPE:  # as apply_rotary: float32, then back to q's dtype
-            cos_h = tl.load(cos_ptr + b * stride_cb + offs_h)[None, :]
-            sin_h = tl.load(sin_ptr + b * stride_cb + offs_h)[None, :]
+            # The row's own [D / 2], or the tables' row at its position (length - 1).
+            c_row = (length - 1).to(tl.int64) if ROPE_TABLE else b
+            cos_h = tl.load(cos_ptr + c_row * stride_cb + offs_h)[None, :]
+            sin_h = tl.load(sin_ptr + c_row * stride_cb + offs_h)[None, :]
             q1, q2 = _rotate(q1, q2, cos_h, sin_h, q_ptr.dtype.element_ty)
         k_base = k_ptr + b * stride_kb + kvh * stride_kh
         v_base = v_ptr + b * stride_vb + kvh * stride_vh
@@ -295,8 +314,8 @@ if HAS_TRITON:
 
 def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos: torch.Tensor | None, sin: torch.Tensor | None,
-                    new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
-                    ) -> str | None:
+                    new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                    rope_table: bool = False) -> str | None:
     """Why the kernel cannot take these (already shape-checked) inputs, or None if it can."""
     if not (q.dtype == k.dtype == v.dtype and q.dtype in ATTENTION_DTYPES):
         return f"q, k, v must share one of {ATTENTION_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -334,15 +353,15 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             input_pos: torch.Tensor, cos: torch.Tensor | None = None,
                             sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
                             new_v: torch.Tensor | None = None, splits: int | None = None,
-                            one_program: int | None = None, min_slice: int | None = None
-                            ) -> torch.Tensor:
+                            one_program: int | None = None, min_slice: int | None = None,
+                            rope_table: bool = False) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); arguments as the ref.
 
     `splits`, `one_program` and `min_slice` override `choose_splits`, `_ONE_PROGRAM` and
     `_MIN_SLICE` (tests, benchmarks). q, k and v must share one dtype. With new_k/new_v the
     kernel writes them into k and v.
     """
-    _check(q, k, v, input_pos, cos, sin, new_k, new_v)
+    _check(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table)
     refusal = _kernel_refusal(q, k, v, cos, sin, new_k, new_v)
     if refusal is not None:
         raise ValueError(f"decode_attention_triton: {refusal}")
@@ -370,41 +389,44 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             HEAD_DIM=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits,
             ONE_PROGRAM=_ONE_PROGRAM if one_program is None else one_program,
             MIN_SLICE=_MIN_SLICE if min_slice is None else min_slice,
-            PRECISION=q.dtype == torch.float32, ROPE=cos is not None, WRITE=write,
+            PRECISION=q.dtype == torch.float32, ROPE=cos is not None, ROPE_TABLE=rope_table,
+            WRITE=write,
             num_warps=4, num_stages=2, **pdl_launch(q.device))
     return out
 
 
 @torch.library.custom_op(
     "tachylm::decode_attention", mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor input_pos, Tensor? cos, Tensor? sin) -> Tensor")
-def _decode_attention_op(q, k, v, input_pos, cos, sin):
-    return decode_attention_triton(q, k, v, input_pos, cos, sin)
+    schema="(Tensor q, Tensor k, Tensor v, Tensor input_pos, Tensor? cos, Tensor? sin, "
+           "bool rope_table) -> Tensor")
+def _decode_attention_op(q, k, v, input_pos, cos, sin, rope_table):
+    return decode_attention_triton(q, k, v, input_pos, cos, sin, rope_table=rope_table)
 
 
 @_decode_attention_op.register_fake
-def _decode_attention_fake(q, k, v, input_pos, cos, sin):
+def _decode_attention_fake(q, k, v, input_pos, cos, sin, rope_table):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op(
     "tachylm::decode_attention_write", mutates_args=("k", "v"),
     schema="(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor input_pos, Tensor? cos, Tensor? sin, "
-           "Tensor new_k, Tensor new_v) -> Tensor")
-def _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v):
-    return decode_attention_triton(q, k, v, input_pos, cos, sin, new_k, new_v)
+           "Tensor new_k, Tensor new_v, bool rope_table) -> Tensor")
+def _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table):
+    return decode_attention_triton(q, k, v, input_pos, cos, sin, new_k, new_v,
+                                   rope_table=rope_table)
 
 
 @_decode_attention_write_op.register_fake
-def _decode_attention_write_fake(q, k, v, input_pos, cos, sin, new_k, new_v):
+def _decode_attention_write_fake(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table):
     return torch.empty_like(q)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      input_pos: torch.Tensor, cos: torch.Tensor | None = None,
                      sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
-                     new_v: torch.Tensor | None = None, kv_limit: int | None = None
-                     ) -> torch.Tensor:
+                     new_v: torch.Tensor | None = None, kv_limit: int | None = None,
+                     rope_table: bool = False) -> torch.Tensor:
     """Attention of one query per row over cache slots 0..input_pos[b] (q rotated first by
     cos/sin when given), optionally writing this step's key and value into the cache first.
 
@@ -419,12 +441,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         new_k, new_v: optional [B, KVH, D], written at slot input_pos[b] (new_k rotated like q).
         kv_limit: the reference path attends over slots [0, kv_limit) only (eager steps); the
             kernel reads only the filled slots whatever it is.
+        rope_table: cos and sin are the whole rotary tables [P, D / 2] (P >= S), read at each
+            row's position (by the kernel itself on CUDA).
     Returns:
         [B, H, D] in q's dtype.
     """
     if not (HAS_TRITON and q.is_cuda and _kernel_refusal(q, k, v, cos, sin, new_k, new_v) is None):
-        return decode_attention_ref(q, k, v, input_pos, cos, sin, new_k, new_v, kv_limit)
-    _check(q, k, v, input_pos, cos, sin, new_k, new_v)
+        return decode_attention_ref(q, k, v, input_pos, cos, sin, new_k, new_v, kv_limit,
+                                    rope_table)
+    _check(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table)
     if new_k is None:
-        return _decode_attention_op(q, k, v, input_pos, cos, sin)
-    return _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v)
+        return _decode_attention_op(q, k, v, input_pos, cos, sin, rope_table)
+    return _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table)
