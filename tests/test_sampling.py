@@ -139,6 +139,25 @@ def test_plan_ranks_only_when_a_row_filters_within_the_candidates():
     assert plan_for([SamplingParams.greedy_params()], vocab).candidates == 0
 
 
+def test_all_greedy_plan_is_an_argmax_that_draws_nothing():
+    vocab = 1000
+    greedy = SamplingParams.greedy_params()
+    assert plan_for([greedy, greedy], vocab).sampled is False
+    assert plan_for([greedy, SamplingParams(temperature=0.5)], vocab).sampled is True
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(3))
+    params = [greedy, SamplingParams(temperature=0.0, repetition_penalty=2.0)]
+    seen = torch.zeros(2, vocab, dtype=torch.bool)
+    top = logits.argmax(-1)
+    seen[1, top[1]] = True  # the penalty moves row 1 off its top token
+    penalized = logits.clone()
+    penalized[1, top[1]] = torch.where(logits[1, top[1]] > 0, logits[1, top[1]] / 2,
+                                       logits[1, top[1]] * 2)
+    state = torch.random.get_rng_state()
+    out = sample(logits, to_tensors(params, "cpu"), plan_for(params, vocab), seen)
+    assert torch.equal(torch.random.get_rng_state(), state)  # no random draw
+    assert torch.equal(out, penalized.argmax(-1))
+
+
 def test_unranked_plan_draws_the_same_tokens_as_ranking():
     params = SamplingParams(temperature=0.8, top_k=6, top_p=1.0)
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))

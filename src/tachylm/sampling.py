@@ -78,11 +78,14 @@ class SamplingPlan:
         penalize: apply the repetition penalty.
         rank: rank the candidates for per-row top-k, top-p and min-p; False when every sampled
             row keeps all of them, so sampling is a softmax over the candidates.
+        sampled: some row samples (temperature > 0); False when every row is greedy, so the
+            step is an argmax of the (penalized) logits and draws nothing.
     """
 
     candidates: int
     penalize: bool
     rank: bool = True
+    sampled: bool = True
 
 
 def plan_for(params: list[SamplingParams], vocab_size: int) -> SamplingPlan:
@@ -104,7 +107,7 @@ def plan_for(params: list[SamplingParams], vocab_size: int) -> SamplingPlan:
                     for p in sampled)
     return SamplingPlan(candidates=candidates,
                         penalize=any(p.repetition_penalty != 1 for p in params),
-                        rank=bool(candidates) and not keeps_all)
+                        rank=bool(candidates) and not keeps_all, sampled=bool(sampled))
 
 
 def to_tensors(params: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
@@ -174,6 +177,10 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         penalty = settings.repetition_penalty[:, None]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalized, logits)
+    if not plan.sampled:
+        # Every row greedy: no softmax and no random draw over the vocabulary (on an H100 that
+        # draw made greedy decode of the 8B shape slower than sampling top-k 200).
+        return logits.argmax(dim=-1)
     scaled = logits / settings.temperature.clamp_min(1e-5)[:, None]
     if plan.candidates:
         # Sorted only past PAIRWISE_RANKS candidates; fewer are ranked pairwise. (A Python branch:
