@@ -314,8 +314,8 @@ if HAS_TRITON:
 
 def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos: torch.Tensor | None, sin: torch.Tensor | None,
-                    new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
-                    rope_table: bool = False) -> str | None:
+                    new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
+                    ) -> str | None:
     """Why the kernel cannot take these (already shape-checked) inputs, or None if it can."""
     if not (q.dtype == k.dtype == v.dtype and q.dtype in ATTENTION_DTYPES):
         return f"q, k, v must share one of {ATTENTION_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
