@@ -635,6 +635,11 @@ FUSION_CASES["int4-m1-norm+swiglu-split2-prescale"] = ("int4", 1, "norm+swiglu",
 FUSION_CASES["int4-m3-norm+residual-evenK-prescale"] = ("int4", 3, "norm+residual", 32,
                                                          {**_pre, "SPLIT_K": 1}, 128)
 
+# The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
+# weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
+NORM_CASES = {"norm-m1-k96-bf16": (1, 96, "bf16", "bf16"), "norm-m3-k4096-bf16": (3, 4096, "bf16", "bf16"),
+              "norm-m2-k96-fp16-f32weight": (2, 96, "fp16", "fp32")}
+
 # Relative error against float64 is the rounding of the output to x's dtype; the interpreter
 # truncates float32 -> bfloat16 (the GPU rounds to nearest), about 3.5e-3 instead of 1.7e-3.
 TOLERANCE = {"bf16": 8e-3, "fp16": 2e-3, "fp32": 1e-5}
@@ -690,6 +695,16 @@ def _interpreter_child():
                              "counters": counters}
         except Exception as e:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
+    for name, (m, k, dtype, wdtype) in NORM_CASES.items():
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        x = (3 * torch.randn(m, k, generator=gen)).to(DTYPES[dtype])
+        weight = (torch.rand(k, generator=gen) + 0.5).to(DTYPES[wdtype])
+        out = qm.rms_norm_triton(x, weight, EPS)
+        want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + EPS)
+        results[name] = {"rel": rel_err(out, want * weight.double()), "dtype": str(out.dtype),
+                         "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
+                         "counters": 0,
+                         "same_as_ref": rel_err(out, qm.rms_norm_ref(x, weight, EPS).double())}
     # The custom ops (what the CUDA dispatch calls) on CPU tensors, through the autotuner.
     for name, (scheme, m) in OP_CASES.items():
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -714,10 +729,21 @@ def interpreted():
     return run_child(__file__)
 
 
-@pytest.mark.parametrize("name", list(CASES) + list(OP_CASES) + list(FUSION_CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(OP_CASES) + list(FUSION_CASES)
+                         + list(NORM_CASES))
 def test_triton_kernel_interpreted(interpreted, name):
     result = interpreted[name]
     assert "error" not in result, result.get("error")
+    if name in NORM_CASES:
+        m, k, dtype, wdtype = NORM_CASES[name]
+        assert result["shape"] == [m, k]
+        assert result["dtype"] == str(torch.promote_types(DTYPES[dtype], DTYPES[wdtype]))
+        assert result["finite"]
+        # x / rms is rounded to x's dtype before the weight, as the reference does: one rounding
+        # (twice the bound: the interpreter truncates), and no more than that from the reference
+        assert result["rel"] < 2 * TOLERANCE[dtype], result
+        assert result["same_as_ref"] < 2 * TOLERANCE[dtype], result
+        return
     if name in CASES:
         _, m, dtype = CASES[name][:3]
         n = N
@@ -974,6 +1000,13 @@ def test_cuda_fused_dispatch_matches_float64(scheme, kind, m):
     err = rel_err(out.reshape(2 * m, n_out).cpu(), want)
     assert err < 8e-3, f"relative error {err:.2e}"
     assert _counters_sum() == 0
+
+
+def test_rms_norm_kernel_refuses_shapes_it_cannot_take():
+    with pytest.raises(ValueError, match=r"expected x \[M, K <= 16384\] and weight \[K\]"):
+        qm.rms_norm_triton(torch.zeros(2, 8), torch.ones(7), EPS)
+    with pytest.raises(ValueError, match="K <= 16384"):
+        qm.rms_norm_triton(torch.zeros(1, 16385), torch.ones(16385), EPS)
 
 
 def test_pdl_is_on_by_default_but_never_on_cpu():
