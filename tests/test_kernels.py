@@ -637,7 +637,8 @@ FUSION_CASES["int4-m3-norm+residual-evenK-prescale"] = ("int4", 3, "norm+residua
 
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
-NORM_CASES = {"norm-m1-k96-bf16": (1, 96, "bf16", "bf16"), "norm-m3-k4096-bf16": (3, 4096, "bf16", "bf16"),
+NORM_CASES = {"norm-m1-k96-bf16": (1, 96, "bf16", "bf16"),
+              "norm-m3-k4096-bf16": (3, 4096, "bf16", "bf16"),
               "norm-m2-k96-fp16-f32weight": (2, 96, "fp16", "fp32")}
 
 # Relative error against float64 is the rounding of the output to x's dtype; the interpreter

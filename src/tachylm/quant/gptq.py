@@ -217,9 +217,8 @@ def gptq_int8(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Te
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
 
     def quantize(w_block: torch.Tensor, i: int, column: int) -> torch.Tensor:
-        q = torch.round(w_block[:, i] / scale).clamp_(-127, 127)
-        codes[:, column] = q.to(torch.int8)
-        return q * scale
+        codes[:, column] = Int8Linear._round(w_block[:, i] / scale)  # round-to-nearest's rounding
+        return codes[:, column].float() * scale
 
     _gptq_columns(weight, hessian, quantize, damp=damp, act_order=act_order, block_size=block_size,
                   name=name)
