@@ -863,7 +863,7 @@ def test_swiglu_epilogue_compiles_for_sm90(kind):
         meta = dict(c.kwargs, SPLIT_K=2, EVEN_K=True, SCHEME=scheme, HAS_BIAS=True, FAST=True,
                     PROLOGUE=1, SWIGLU=True, HAS_RESIDUAL=True, PDL=False)
         if kind == "dot":
-            meta.update(GROUP=128, BLOCK_M=2)
+            meta.update(GROUP=128, M_P2=2)
         kernel = _compile_sm90(fn, meta, c.num_warps, c.num_stages)
         assert "ex2.approx" in kernel.asm["ptx"]  # the sigmoid's exponential is there
 
@@ -886,17 +886,18 @@ def test_dot_kernel_mma_accumulators_stay_apart(group):
     """Every autotuned int4 config, compiled for sm_90 as the launch for one row of x makes it.
 
     Triton 3.6 lowers a batched tl.dot whose result has one column (BLOCK_M = 1) with the
-    accumulators of a warp's second slice overlapping its first slice's (see qm._dot_block_m):
+    accumulators of a warp's second slice overlapping its first slice's (see qm._pads_m):
     int4 with G = 64 came out with a relative error of ~7 on an H100 while the interpreter was
     right. Each (slice of a warp, 16 rows, 8 columns) tile must be its own chain of G / 16 MMAs
     that starts from zero.
     """
-    block_m = qm._tuned_dot_block_m(qm.INT4, group, 1)
     failures = {}
     for c in qm._make_configs(qm.INT4, "dot", group, one_row=True):
         meta = dict(c.kwargs, SPLIT_K=2, EVEN_K=True, SCHEME=qm.INT4, GROUP=group, HAS_BIAS=False,
-                    FAST=True, BLOCK_M=block_m, PROLOGUE=0, SWIGLU=False, HAS_RESIDUAL=False,
+                    FAST=True, M_P2=1, PROLOGUE=0, SWIGLU=False, HAS_RESIDUAL=False,
                     PDL=False)
+        block_m = 2 if c.kwargs["PAD_M"] else 1
+        assert c.kwargs["PAD_M"] == (c.kwargs["K_SLICES"] > c.num_warps)
         kernel = _compile_sm90(qm._qgemv_dot_kernel, meta, c.num_warps, c.num_stages)
         n_mma, zero_starts, faults = _mma_chains(kernel.asm["llir"])
         per_warp = max(1, c.kwargs["K_SLICES"] // c.num_warps)
@@ -914,14 +915,14 @@ def test_prescale_configs_compile_for_sm90(group):
     """Every PRESCALE config lowers for an H100: the nibbles become weights through the packed
     bfloat16 FMAs, and the MMAs are one chain of SUB_K / 16 steps per (slice of a warp, 16 rows,
     8 columns) in each tile."""
-    block_m = qm._tuned_dot_block_m(qm.INT4, group, 1, True)
     configs = [c for c in qm._make_configs(qm.INT4, "dot", group, one_row=True, prescale=True)
                if c.kwargs.get("PRESCALE")]
     assert configs
     for c in configs:
         meta = dict(c.kwargs, SPLIT_K=2, EVEN_K=True, SCHEME=qm.INT4, GROUP=group, HAS_BIAS=False,
-                    FAST=True, BLOCK_M=block_m, PROLOGUE=0, SWIGLU=False, HAS_RESIDUAL=False,
+                    FAST=True, M_P2=1, PROLOGUE=0, SWIGLU=False, HAS_RESIDUAL=False,
                     PDL=False)
+        block_m = 2 if c.kwargs["PAD_M"] else 1
         kernel = _compile_sm90(qm._qgemv_dot_kernel, meta, c.num_warps, c.num_stages)
         assert "fma.rn.bf16x2" in kernel.asm["ptx"], c
         n_mma, _, _ = _mma_chains(kernel.asm["llir"])

@@ -37,7 +37,7 @@ Kernels on CUDA, by the number of rows M of x (leading dimensions of x flattened
                       once at the end and applies the row scale (none for dense weights).
     M <= 16, and      `_qgemv_dot_kernel`, tensor cores on the swapped product out^T = W @ x^T (the
     every int4 M      weight tile is the large operand; x is padded to a power of two >= 1 rows,
-                      >= 2 where a warp multiplies several slices: see `_dot_block_m`).
+                      >= 2 in a config whose warps multiply several slices: see `_pads_m`).
                       A K tile is K_SLICES slices multiplied as one batched `tl.dot`, the warps
                       splitting the slices, so a program of few rows keeps all its warps busy.
                       int4 has two kinds of tiles, autotuned together: slices of one group, the
@@ -795,9 +795,9 @@ if HAS_TRITON:
         M, N, K, stride_xm, stride_wn, stride_sn, stride_om, eps,
         SCHEME: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
         PROLOGUE: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, K_SLICES: tl.constexpr,
-        STAGES: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-        PRESCALE: tl.constexpr = False,
+        PDL: tl.constexpr, M_P2: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr,
+        K_SLICES: tl.constexpr, STAGES: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+        PRESCALE: tl.constexpr = False, PAD_M: tl.constexpr = False,
     ):
         """out^T[n, m] = sum_k w[n, k] * x[m, k] for a few rows of x, on tensor cores.
 
@@ -805,8 +805,10 @@ if HAS_TRITON:
         K_SLICES products [BLOCK_N, SUB_K] @ [SUB_K, BLOCK_M] (the warps split the batch), summed
         once at the end. For int4 SUB_K == GROUP: each slice is one quantization group. Dense
         weights (SCHEME 3) are in x's dtype and have no scale (s_ptr unused).
-        Rows of W past N and rows of x past M are clamped (read, never written). BLOCK_M must be
-        >= 2 when K_SLICES > num_warps (a Triton miscompilation, see `_dot_block_m`).
+        Rows of W past N and rows of x past M are clamped (read, never written). M_P2 is M's
+        next power of two (the autotuner's key); the tile takes BLOCK_M = M_P2 rows of x, but 2
+        for one row when the config sets PAD_M (K_SLICES > num_warps: a Triton miscompilation,
+        see `_pads_m`).
         PROLOGUE, SWIGLU and HAS_RESIDUAL as `_qgemv_m1_kernel`; the prologue's result is rounded
         to x's dtype for the MMA.
         PRESCALE (int4, bfloat16 x): each nibble becomes the bfloat16 weight q * scale + m in
@@ -814,6 +816,7 @@ if HAS_TRITON:
         whole slices of SUB_K (a multiple of GROUP) with no per-group work after it.
         """
         pdl_start(PDL)
+        BLOCK_M: tl.constexpr = 2 if (PAD_M and M_P2 == 1) else M_P2
         BLOCK_K: tl.constexpr = SUB_K * K_SLICES
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         pid_n = tl.program_id(0)
@@ -1024,7 +1027,8 @@ _DOT_ROWWISE_CONFIGS = ((16, 128, 4, 4, 4), (32, 128, 4, 4, 3), (64, 64, 4, 4, 3
 _DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), (16, 64, 8, 8, 3))
 # (BLOCK_N, bytes per row per tile, num_warps, STAGES) for int4. SUB_K is the group size and
 # K_SLICES = max(num_warps, 2 * bytes / group); BLOCK_N <= 32 keeps the nibbles in registers.
-# For G < 128 that is more slices than warps, which needs BLOCK_M >= 2 (see `_dot_block_m`).
+# For G < 128, and for the last tile at G = 128, that is more slices than warps, so those
+# configs pad one row of x to two (PAD_M, see `_pads_m`).
 # The three-stage twins of the first two were the fastest at one row for gate_up and qkv in a
 # sweep on an H100 (30.4 against 31.6 us, 10.0 against 10.3 us autotuned without them). The last
 # two are not pipelined (one stage: loads straight to registers, no shared-memory staging and no
@@ -1033,8 +1037,9 @@ _DOT_DENSE_CONFIGS = ((16, 64, 4, 4, 4), (32, 64, 4, 4, 3), (16, 128, 4, 4, 3), 
 _DOT_INT4_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 8, 4), (32, 256, 8, 3),
                      (16, 256, 4, 3), (32, 256, 4, 3), (32, 256, 4, 1), (16, 512, 4, 1))
 # Added for more than one row of x and G >= 128: at 16 rows it made gate_up 73.5 against 77.1 us
-# and int4 decode of 16 rows 5% faster, but its 8 slices on 4 warps need BLOCK_M >= 2, which made
-# one-row decode 5% slower (BENCHMARKS.md), so one row keeps the set above.
+# and int4 decode of 16 rows 5% faster. Its 8 slices on 4 warps pad one row of x to two; when
+# that padding applied to every config of the set it made one-row decode 5% slower
+# (BENCHMARKS.md), so one row keeps the set above.
 _DOT_INT4_BATCH_CONFIGS = ((32, 512, 4, 3),)
 # (BLOCK_N, SUB_K, num_warps, STAGES) for int4 with PRESCALE (bfloat16 x): SUB_K is raised to the
 # group size where smaller, K_SLICES = num_warps. From a sweep of 48 tiles at G = 32 on an H100
@@ -1158,14 +1163,15 @@ def _make_configs(scheme: int, kind: str, group: int, one_row: bool = False,
                  for bn, row_bytes, nw, st in _DOT_INT4_CONFIGS + batch]
         if prescale:
             extra = [triton.Config({"BLOCK_N": bn, "SUB_K": max(sub, group), "K_SLICES": nw,
-                                    "STAGES": st, "SPLIT_K": 1, "PRESCALE": True},
+                                    "STAGES": st, "SPLIT_K": 1, "PRESCALE": True, "PAD_M": False},
                                    num_warps=nw, num_stages=st)
                      for bn, sub, nw, st in _DOT_INT4_PRESCALE_CONFIGS]
     elif scheme == DENSE:
         table = _DOT_DENSE_CONFIGS
     else:
         table = _DOT_ROWWISE_CONFIGS
-    return [triton.Config({"BLOCK_N": bn, "SUB_K": sub, "K_SLICES": ks, "STAGES": st, "SPLIT_K": 1},
+    return [triton.Config({"BLOCK_N": bn, "SUB_K": sub, "K_SLICES": ks, "STAGES": st, "SPLIT_K": 1,
+                           "PAD_M": _pads_m(ks, nw)},
                           num_warps=nw, num_stages=st) for bn, sub, ks, nw, st in table] + extra
 
 
@@ -1181,7 +1187,7 @@ def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False,
     else:
         base = _qgemv_m1_kernel if kind == "m1" else _qgemv_dot_kernel
         prune = _prune
-        key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["BLOCK_M"])
+        key = ["N", "K", "PROLOGUE", "SWIGLU", "HAS_RESIDUAL"] + ([] if kind == "m1" else ["M_P2"])
         configs = _make_configs(scheme, kind, group, one_row, prescale)
     with_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % _block_k(a) == 0})(base)
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
@@ -1271,10 +1277,10 @@ def _split_needs(scheme: int, kind: str, group: int, one_row: bool, prescale: bo
     return max_split, n_blocks
 
 
-def _dot_block_m(m: int, slices_and_warps) -> int:
-    """BLOCK_M of `_qgemv_dot_kernel` for m rows of x, given (K_SLICES, num_warps) of every
-    config it may run with: the next power of two, but at least 2 where a config gives a warp
-    more than one slice (K_SLICES > num_warps).
+def _pads_m(k_slices: int, num_warps: int) -> bool:
+    """Whether a `_qgemv_dot_kernel` config must pad one row of x to two (its PAD_M): where it
+    gives a warp more than one slice (K_SLICES > num_warps). Decided per config: padding costs
+    the one-row tiles that do not need it 2-10% (BENCHMARKS.md, twelfth session).
 
     Triton 3.6's MMAv2 lowering of a batched (3-D) `tl.dot` (TritonNVIDIAGPUToLLVM MMAv2.cpp,
     `batchOffset`) steps from one batch entry of a warp to the next by the elements per thread of
@@ -1285,20 +1291,10 @@ def _dot_block_m(m: int, slices_and_warps) -> int:
     the first slice's registers. On an H100 this gave int4 with group 64 at M = 1 (K_SLICES 8 or
     16 on 4 or 8 warps) a relative error of ~7 on every call; the interpreter does not lower
     `tl.dot` this way and was right. From BLOCK_M = 2 the offset covers the four accumulators.
-    Only int4 with G < 128 has such configs; the others keep BLOCK_M = 1 for one row, as
-    measured. tests/test_kernels.py compiles the int4 configs for sm_90 and checks the MMAs.
+    Only int4 has such configs (most at G = 32 and 64; at G = 128 the one-stage 8-slice tile).
+    tests/test_kernels.py compiles the int4 configs for sm_90 and checks the MMAs.
     """
-    block_m = triton.next_power_of_2(m)
-    if block_m == 1 and any(slices > warps for slices, warps in slices_and_warps):
-        block_m = 2  # the launch masks the padded row out of the output and the split partials
-    return block_m
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_dot_block_m(scheme: int, group: int, m: int, prescale: bool = False) -> int:
-    """`_dot_block_m` over the autotuned configs of the tensor-core kernel."""
-    return _dot_block_m(m, [(c.kwargs["K_SLICES"], c.num_warps)
-                            for c in _make_configs(scheme, "dot", group, m == 1, prescale)])
+    return k_slices > num_warps
 
 
 def _kernel_kind(scheme: int, m: int) -> str:
@@ -1374,12 +1370,10 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
         args = (x, w, scale_arg, scale_arg if zero is None else zero, bias_arg, norm_arg,
                 residual_arg, out, ws, counters, m, n, k, x.stride(0), qweight.stride(0),
                 scale_arg.stride(0), out.stride(0), fusion.eps)
-        if config is None:
-            block_m = _tuned_dot_block_m(scheme, group, m, prescale)
-        else:
-            block_m = _dot_block_m(m, [(config["K_SLICES"], config.get("num_warps", 4))])
+        if config is not None and "PAD_M" not in config:
+            config = dict(config, PAD_M=_pads_m(config["K_SLICES"], config.get("num_warps", 4)))
         common = dict(SCHEME=scheme, GROUP=max(group, 1), HAS_BIAS=bias is not None, FAST=fast,
-                      BLOCK_M=block_m, PROLOGUE=prologue, SWIGLU=fusion.swiglu,
+                      M_P2=triton.next_power_of_2(m), PROLOGUE=prologue, SWIGLU=fusion.swiglu,
                       HAS_RESIDUAL=fusion.residual is not None, **pdl_launch(x.device))
         _launch(_qgemv_dot_kernel, (scheme, kind, group, m == 1, prescale), grid, args, common,
                 config, k)
