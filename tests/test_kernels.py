@@ -1004,6 +1004,30 @@ def test_cuda_fused_dispatch_matches_float64(scheme, kind, m):
     assert _counters_sum() == 0
 
 
+
+@cuda
+@pytest.mark.parametrize("group", qm.INT4_GROUP_SIZES)
+def test_cuda_int4_every_one_row_config_matches_float64(group):
+    """Every int4 tensor-core config of one row of x, unsplit and split, on the GPU: x stays one
+    row where the config allows it and is padded to two where it sets PAD_M (qm._pads_m; a
+    config that needs the padding and lacks it is wrong on the GPU by a factor of ~7)."""
+    gen = torch.Generator().manual_seed(group)
+    n, k = 300, 2048
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    weights = make_int4(n, k, group, gen)
+    want = oracle("int4", x, weights, group)
+    dev = [w.cuda() for w in weights]
+    configs = qm._make_configs(qm.INT4, "dot", group, one_row=True, prescale=True)
+    assert any(not c.kwargs["PAD_M"] for c in configs)
+    errors = {}
+    for c in configs:
+        for split in (1, 2):
+            cfg = dict(c.kwargs, SPLIT_K=split, num_warps=c.num_warps)
+            out = qm._gemv(qm.INT4, x.cuda(), *dev, group, None, config=cfg)
+            errors[str(cfg)] = rel_err(out.cpu(), want)
+    assert max(errors.values()) < 8e-3, errors
+    assert _counters_sum() == 0
+
 def test_rms_norm_kernel_refuses_shapes_it_cannot_take():
     with pytest.raises(ValueError, match=r"expected x \[M, K <= 16384\] and weight \[K\]"):
         qm.rms_norm_triton(torch.zeros(2, 8), torch.ones(7), EPS)
