@@ -9,7 +9,8 @@ import zlib
 import pytest
 import torch
 
-from tachylm.kernels.attention import choose_splits, decode_attention, decode_attention_ref
+from tachylm.kernels.attention import (choose_splits, choose_tile, decode_attention,
+                                       decode_attention_ref)
 from triton_interpreter import patch_interpreter, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -156,6 +157,15 @@ def test_splits_cover_the_gpu_but_not_past_the_cache():
     assert choose_splits(8, 8, 131072, 132) == 8
     assert choose_splits(1, 8, 256, 132) == 4  # 256 slots are 4 tiles of 64
     assert choose_splits(64, 8, 4096, 132) == 1
+    assert choose_splits(1, 8, 256, 132, block_s=128) == 2  # 256 slots are 2 tiles of 128
+
+
+def test_large_tiles_only_where_each_program_has_an_sm_and_they_fit():
+    assert choose_tile(1, 8, 132, 128, 2) == (128, 3)  # 8 programs on 132 SMs
+    assert choose_tile(16, 8, 132, 128, 2) == (128, 3)  # 128 programs: still one a SM
+    assert choose_tile(32, 8, 132, 128, 2) == (64, 2)  # 256 programs share SMs: small tiles
+    assert choose_tile(1, 8, 132, 128, 4) == (64, 2)  # float32: too much shared memory
+    assert choose_tile(1, 8, 132, 256, 2) == (64, 2)  # head size 256: registers spill
 
 
 # ----------------------------------------------------------------------------------------------

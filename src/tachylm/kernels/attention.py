@@ -57,6 +57,16 @@ _MAX_SPLITS = 64
 # 64; 1030 slots 9.9 us in slices of 64 against 12.8 us in slices of 256.
 _ONE_PROGRAM = 256
 _MIN_SLICE = 64
+# (slots per tile, pipeline stages). A short row is one program per kv head that walks its slots
+# tile by tile, each tile a round trip to DRAM. Tiles of 128 slots with three stages cover 256
+# slots in one: on an H100 (8B shape, qkv -> attention -> o chained in a CUDA graph,
+# BENCHMARKS.md) attention at 200 slots added 4.8 us a layer against 8.6 us with (64, 2), the same
+# at 4000 slots; decode 185.9 against 185.4 tokens/s, batches 8 and 16 +0.2%. Taken where that
+# was measured, every program on an SM of its own (batch * kv heads <= SMs), and where it fits:
+# 16-bit q, k, v and head size <= 128 (255 registers a thread against 199; float32 would need
+# 272 KB of shared memory and head size 256 spills).
+_TILE = (_BLOCK_S, 2)
+_TILE_OWN_SM = (128, 3)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
@@ -333,11 +343,21 @@ def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None
 
 
-def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int) -> int:
-    """Most slices per kv head: enough programs for two per SM, never more than tiles in the
-    cache. The kernel uses fewer at short lengths (`_ONE_PROGRAM`, `_MIN_SLICE`)."""
+def choose_tile(batch: int, n_kv_heads: int, sms: int, head_dim: int, element_size: int) -> tuple:
+    """(slots per tile, pipeline stages) of a launch: `_TILE_OWN_SM` where each row's one
+    program per kv head has an SM to itself and the tile fits (16-bit, head size <= 128), else
+    `_TILE`."""
+    fits = element_size == 2 and head_dim <= 128
+    return _TILE_OWN_SM if fits and batch * n_kv_heads <= sms else _TILE
+
+
+def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int,
+                  block_s: int = _BLOCK_S) -> int:
+    """Most slices per kv head: enough programs for two per SM, never more than tiles of
+    block_s slots in the cache. The kernel uses fewer at short lengths (`_ONE_PROGRAM`,
+    `_MIN_SLICE`)."""
     splits = 1
-    tiles = -(-slots // _BLOCK_S)
+    tiles = -(-slots // block_s)
     while batch * n_kv_heads * splits < 2 * sms and splits < _MAX_SPLITS and splits * 2 <= tiles:
         splits *= 2
     return splits
@@ -368,8 +388,10 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, n_heads, head_dim = q.shape
     n_kv_heads, slots = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
+    block_s, stages = choose_tile(batch, n_kv_heads, _sm_count(q.device), head_dim,
+                                  q.element_size())
     if splits is None:
-        splits = choose_splits(batch, n_kv_heads, slots, _sm_count(q.device))
+        splits = choose_splits(batch, n_kv_heads, slots, _sm_count(q.device), block_s)
     out = torch.empty_like(q)
     ws = torch.empty((batch * n_heads * splits, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch * n_heads * splits,), dtype=torch.float32, device=q.device)
@@ -386,12 +408,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             new_v.stride(0), new_v.stride(1), out.stride(0), out.stride(1),
             input_pos.stride(0), 0 if cos is None else cos.stride(0), qk_scale,
             N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits,
+            HEAD_DIM=head_dim, BLOCK_S=block_s, SPLITS=splits,
             ONE_PROGRAM=_ONE_PROGRAM if one_program is None else one_program,
             MIN_SLICE=_MIN_SLICE if min_slice is None else min_slice,
             PRECISION=q.dtype == torch.float32, ROPE=cos is not None, ROPE_TABLE=rope_table,
             WRITE=write,
-            num_warps=4, num_stages=2, **pdl_launch(q.device))
+            num_warps=4, num_stages=stages, **pdl_launch(q.device))
     return out
 
 
