@@ -1028,6 +1028,27 @@ def test_cuda_int4_every_one_row_config_matches_float64(group):
     assert max(errors.values()) < 8e-3, errors
     assert _counters_sum() == 0
 
+@cuda
+@pytest.mark.parametrize("m", [256, 1024])
+def test_cuda_fp8_every_prefill_gemm_tile_matches_float64(m):
+    """Every tile of the fp8 prefill GEMM (`_GEMM_CONFIGS`), launched explicitly at an 8B
+    layer's width: the autotuner may pick any of them. A float16 variant of this kernel gave
+    wrong results at one of these tiles (BENCHMARKS.md, thirteenth session)."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 4096, 4096
+    qweight, scale = make_fp8(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    qweight, scale = qweight.cuda(), scale.cuda()
+    want = x.double() @ (qweight.double() * scale.double()[:, None]).T
+    errors = {}
+    for bm, bn, bk, warps, stages in qm._GEMM_CONFIGS:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps)
+        for _ in range(3):  # a race would not show on every run
+            out = qm._gemm(x, qweight, scale, None, cfg)
+            errors[str(cfg)] = max(errors.get(str(cfg), 0.0), rel_err(out.double(), want))
+    assert max(errors.values()) < 8e-3, errors
+
+
 def test_rms_norm_kernel_refuses_shapes_it_cannot_take():
     with pytest.raises(ValueError, match=r"expected x \[M, K <= 16384\] and weight \[K\]"):
         qm.rms_norm_triton(torch.zeros(2, 8), torch.ones(7), EPS)
