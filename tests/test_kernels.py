@@ -1004,7 +1004,6 @@ def test_cuda_fused_dispatch_matches_float64(scheme, kind, m):
     assert _counters_sum() == 0
 
 
-
 @cuda
 @pytest.mark.parametrize("group", qm.INT4_GROUP_SIZES)
 def test_cuda_int4_every_one_row_config_matches_float64(group):
@@ -1027,6 +1026,7 @@ def test_cuda_int4_every_one_row_config_matches_float64(group):
             errors[str(cfg)] = rel_err(out.cpu(), want)
     assert max(errors.values()) < 8e-3, errors
     assert _counters_sum() == 0
+
 
 @cuda
 @pytest.mark.parametrize("m", [256, 1024])

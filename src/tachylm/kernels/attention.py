@@ -388,10 +388,10 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, n_heads, head_dim = q.shape
     n_kv_heads, slots = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
-    block_s, stages = choose_tile(batch, n_kv_heads, _sm_count(q.device), head_dim,
-                                  q.element_size())
+    sms = _sm_count(q.device)
+    block_s, stages = choose_tile(batch, n_kv_heads, sms, head_dim, q.element_size())
     if splits is None:
-        splits = choose_splits(batch, n_kv_heads, slots, _sm_count(q.device), block_s)
+        splits = choose_splits(batch, n_kv_heads, slots, sms, block_s)
     out = torch.empty_like(q)
     ws = torch.empty((batch * n_heads * splits, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch * n_heads * splits,), dtype=torch.float32, device=q.device)
