@@ -5,14 +5,15 @@
 For V = 128256 and each batch size: torch.topk(200, sorted=False) over float32 and bfloat16
 logits, and the whole `sample()` of the bench's setting (temperature 0.8, top_k 200, top_p 1) with
 the candidates ranked pairwise (as before `SamplingPlan.rank`) and without (today's plan), given
-float32 logits or bfloat16 ones (what decode hands it for a bfloat16 model). Each is compiled with
+float32 logits or bfloat16 ones (what decode hands it for a bfloat16 model; unranked, those go to
+the top-k sampling kernels of `tachylm.kernels.topk`). Each is compiled with
 torch.compile(mode="reduce-overhead") (CUDA graphs, as decode runs it) and checked before it is
 timed. Timing: CUDA events around blocks of back-to-back calls queued behind a GPU sleep, so host
 launch gaps are not counted; the median block's time per call, in microseconds.
 
 An exact two-level top-k (chunk maxima, the k best chunks, one small topk over them) measured
 slower than torch.topk here on an H100 (60.5 against 56.5 us at batch 1, chunks of 32;
-BENCHMARKS.md), so sampling keeps torch.topk.
+BENCHMARKS.md); the histogram kernels replaced both.
 """
 
 import dataclasses
@@ -85,7 +86,9 @@ def main(batches: list[int]) -> None:
             for x, dtype_name in ((logits, ""), (logits16, ", bfloat16 logits")):
                 for _ in range(3):
                     tokens = fn(x, settings)
-                assert (tokens[:, None] == x.topk(K, dim=-1).indices).any(dim=-1).all(), name
+                # every logit >= the k-th largest is a candidate (the kernels' rule, see topk.py)
+                kth = x.topk(K, dim=-1).values[:, -1]
+                assert (x.gather(-1, tokens[:, None])[:, 0] >= kth).all(), name
                 print(f"batch {batch:2d}  {name + dtype_name:24s} "
                       f"{microseconds(fn, x, settings):8.1f} us")
 

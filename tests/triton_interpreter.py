@@ -45,6 +45,15 @@ def patch_interpreter():
     interp.InterpreterBuilder.create_dot = dot
 
 
+def outcome(run, *args):
+    """`run(*args)`, or {"error": ...} where it raises: a child reports each case's failure to
+    the parent test that reads it, and goes on with the other cases."""
+    try:
+        return run(*args)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def run_child(script: str) -> dict:
     """Run `script --interpret` under the interpreter; return the JSON object it printed last.
 

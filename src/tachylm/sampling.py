@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from tachylm.kernels.topk import topk_sample, topk_sample_applies
+
 # Up to this many top-k candidates are ranked pairwise (a [B, k, k] comparison) instead of sorted.
 PAIRWISE_RANKS = 512
 
@@ -24,7 +26,9 @@ class SamplingParams:
 
     Attributes:
         temperature: 0 means greedy; otherwise logits are divided by it.
-        top_k: keep the k most likely tokens (0 = no limit).
+        top_k: keep the k most likely tokens (0 = no limit). Where logits tie at the k-th place,
+            CUDA's top-k kernels (16-bit logits, top-k alone) keep every tied token, as
+            transformers does; elsewhere k of them are kept.
         top_p: keep the smallest set of tokens whose probability reaches top_p (1 = off).
         min_p: drop tokens less likely than min_p times the most likely one (0 = off).
         repetition_penalty: > 1 discourages tokens already in the prompt or output (1 = off).
@@ -170,8 +174,15 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         seen: [B, V] bool, tokens already in the sequence (needed when plan.penalize).
     Returns:
         [B] long token ids.
+
+    On CUDA, 16-bit logits under a plan of top-k alone (the bench's) are sampled by
+    `kernels.topk.topk_sample` in four launches, in place of a radix top-k and the ops after it;
+    among logits equal at the k-th place it keeps the lowest ids (torch.topk keeps any).
     """
     select = logits if logits.dtype in (torch.bfloat16, torch.float16) and not plan.penalize else None
+    if (plan.sampled and plan.candidates and not plan.rank and select is not None
+            and topk_sample_applies(select)):
+        return topk_sample(select, settings.temperature, plan.candidates)
     logits = logits.float()
     if plan.penalize:
         penalty = settings.repetition_penalty[:, None]

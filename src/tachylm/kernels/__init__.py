@@ -3,7 +3,8 @@
 `quant_matmul` holds the decode-regime linear layers: weight-only quantized (int8, fp8, group-wise
 int4) and dense, with the fusions around them (RMSNorm, SiLU-multiply, residual). `linear` holds
 the model's `FusedLinear` and `FastLinear`, the `nn.Linear`s whose forward takes the fusions
-(in PyTorch ops, or the dense kernels). `attention` holds the decode attention kernel.
+(in PyTorch ops, or the dense kernels). `attention` holds the decode attention kernel, `topk`
+the top-k sampling kernels.
 """
 
 import torch
@@ -20,6 +21,7 @@ from tachylm.kernels.quant_matmul import (
     int8_linear,
     int8_linear_ref,
 )
+from tachylm.kernels.topk import topk_sample, topk_sample_ref
 
 
 def custom_ops() -> tuple:
@@ -27,7 +29,7 @@ def custom_ops() -> tuple:
     ops = torch.ops.tachylm
     return (ops.dense_linear.default, ops.int8_linear.default, ops.fp8_linear.default,
             ops.int4_linear.default, ops.decode_attention.default,
-            ops.decode_attention_write.default)
+            ops.decode_attention_write.default, ops.topk_sample.default)
 
 
 __all__ = [
@@ -44,5 +46,7 @@ __all__ = [
     "int4_linear_ref",
     "int8_linear",
     "int8_linear_ref",
+    "topk_sample",
+    "topk_sample_ref",
     "use_fast_linears",
 ]
