@@ -92,6 +92,61 @@ def test_compiled_decode_reads_static_input_buffers(model, params):
     assert torch.equal(results["eager"][2], results["compiled"][2])
 
 
+def test_a_step_continuing_the_last_copies_nothing_in_and_others_copy_what_changed(model,
+                                                                                   monkeypatch):
+    """The compiled step leaves the token it drew and the next position in its buffers: a step
+    fed that token (as returned) at that int position copies nothing in. A step at another
+    position, with another token, or with settings changed in place copies what changed, and
+    every step still draws what eager draws."""
+    torch._dynamo.reset()
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    greedy = SamplingParams.greedy_params()
+    plan = plan_for([greedy], CONFIG.vocab_size)
+    copied = []
+    real_copy, real_fill = torch._foreach_copy_, torch.Tensor.fill_
+
+    def count_copy(dst, src):
+        copied.extend(["copy"] * len(dst))
+        return real_copy(dst, src)
+
+    def count_fill(tensor, value):
+        copied.append("fill")
+        return real_fill(tensor, value)
+
+    runs = {}
+    for name in ("eager", "compiled"):
+        steps = _steps(model, compile_decode=name == "compiled", backend="aot_eager")
+        settings = to_tensors([greedy], "cpu")
+        token = steps.prefill(prompt, 0).argmax(-1)
+        monkeypatch.setattr(torch, "_foreach_copy_", count_copy)
+        monkeypatch.setattr(torch.Tensor, "fill_", count_fill)
+        out, counts = [], []
+        # (token fed, position): continuing, continuing, the same position again, a new token at
+        # the next position, then continuing with the temperature raised in place
+        for i, how in enumerate(["first", "next", "next", "again", "other", "next", "hot"]):
+            copied.clear()
+            if how == "again":
+                pos -= 1
+            if how == "other":
+                token = (token + 1) % CONFIG.vocab_size
+            if how == "hot":
+                settings.temperature.fill_(0.0)  # still greedy, but changed in place
+                copied.clear()
+            pos = 8 if how == "first" else pos + 1
+            token, _ = steps.decode(token[:, None], pos, settings, plan, return_logits=False)
+            out.append(int(token))
+            counts.append(list(copied))
+        monkeypatch.undo()
+        runs[name] = out, counts
+    assert runs["compiled"][0] == runs["eager"][0]
+    counts = runs["compiled"][1]
+    assert counts[0] == ["fill", "copy", "copy", "copy", "copy", "copy", "copy"]  # all of it
+    assert counts[1] == counts[2] == counts[5] == []  # continuing: nothing
+    assert counts[3] == ["fill"]  # the position only
+    assert counts[4] == ["copy"]  # the token only
+    assert counts[6] == ["copy"]  # the changed setting only
+
+
 def test_custom_ops_are_registered_with_inductor_up_front():
     # Inductor (torch <= 2.11) stringifies an unregistered op's arguments at its first call in a
     # graph, exponentially in the graph's depth; Steps registers every tachylm op before compiling.

@@ -486,8 +486,7 @@ def _generate(steps: Steps, prompts: torch.Tensor, start_pos: int, new_tokens: i
     decode_start = time.perf_counter()
     out, pos = [token], start_pos + prompt_len
     for _ in range(new_tokens - 1):
-        input_pos = torch.full((batch, 1), pos, device=device)
-        token, _ = steps.decode(token[:, None], input_pos, settings, plan, kv_limit=pos + 1,
+        token, _ = steps.decode(token[:, None], pos, settings, plan, kv_limit=pos + 1,
                                 return_logits=False)
         out.append(token)
         pos += 1

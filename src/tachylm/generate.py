@@ -132,8 +132,9 @@ class Generation:
             for _ in range(min(self.sync_every, budget - produced)):
                 if seen is not None:
                     seen.scatter_(1, token, True)
-                input_pos = torch.full((1, 1), pos, device=device)
-                next_token, _ = steps.decode(token, input_pos, settings, plan, seen, kv_limit=pos + 1,
+                # the position as an int, the token as the step returned it: a compiled step
+                # then finds both already in its buffers (Steps.decode)
+                next_token, _ = steps.decode(token, pos, settings, plan, seen, kv_limit=pos + 1,
                                              return_logits=False)
                 token = next_token[:, None]
                 block.append(next_token)

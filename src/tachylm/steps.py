@@ -5,8 +5,10 @@ compiled callables live in a `Steps` object; nothing is rebound at module level 
 options are passed to `torch.compile` here, scoped to these calls.
 
 Decode runs model + sampling as one step (compiled with CUDA graphs when asked). Compiled decode
-reads its inputs from persistent, static-address buffers that `Steps` owns and fills each step, so
-CUDA graphs copy none of them. Prefill pads the prompt to a multiple of `PREFILL_MULTIPLE` so
+reads its inputs from persistent, static-address buffers that `Steps` owns, so CUDA graphs copy
+none of them, and leaves in them the inputs of the step that continues it (the token it drew, the
+next position): a step fed the token the last one returned, at the next position (an int), and
+the same sampling settings, copies nothing in before its graph runs. Prefill pads the prompt to a multiple of `PREFILL_MULTIPLE` so
 compiled prefill sees few distinct shapes, and returns the logits of each row's last real token only.
 Next to compiled decode on a GPU, a short prompt's prefill (up to max(PREFILL_GRAPH_LENGTHS)
 tokens, a first prompt or a chat's next turn) replays a CUDA graph captured per padded length
@@ -112,6 +114,31 @@ def register_inductor_fallbacks() -> list:
     return registered
 
 
+def _holding(source) -> tuple:
+    """What a buffer holds once `source` (a tensor or an int) is in it: the source, and its
+    version where it counts versions (inference tensors do not)."""
+    if isinstance(source, int) or source.is_inference():
+        return source, None
+    return source, source._version
+
+
+def _holds(held: tuple | None, source) -> bool:
+    """A buffer holding `held` (see `_holding`) holds `source` already: the same int, or the
+    same memory (the tensor itself, or a contiguous view of it with as many elements, as the
+    [B, 1] view of the [B] token a step returned), unmodified since where versions are counted.
+    An inference tensor changed in place under inference mode is not noticed: Steps' callers
+    pass new tensors or the ones they were given, unchanged."""
+    if held is None:
+        return False
+    if isinstance(source, int) or isinstance(held[0], int):
+        return isinstance(source, int) and isinstance(held[0], int) and held[0] == source
+    tensor, version = held
+    return (source.dtype == tensor.dtype and source.data_ptr() == tensor.data_ptr()
+            and source.numel() == tensor.numel() and source.is_contiguous()
+            and tensor.is_contiguous()
+            and _holding(source)[1] == version)
+
+
 class Steps:
     """Prefill/decode callables bound to a model and its cache.
 
@@ -150,6 +177,8 @@ class Steps:
         self.tuning = tuning
         self._decode_fns: dict[SamplingPlan, Callable] = {}
         self._decode_inputs: dict[tuple, list[torch.Tensor]] = {}  # see _static_inputs
+        # per set of buffers: what they hold now, as (source tensor or int, its version) pairs
+        self._held: dict[tuple, list] = {}
         self._prefill_fn = self._prefill_impl
         if backend == "inductor" and (compile_decode or compile_prefill):
             register_inductor_fallbacks()
@@ -173,47 +202,71 @@ class Steps:
     def _prefill_impl(self, tokens, input_pos, logit_index, kv_limit=None):
         return self.model(tokens, input_pos, self.cache, logit_index, kv_limit)[:, 0]
 
-    def _decode_impl(self, token, input_pos, settings, seen, plan, kv_limit=None):
+    def _decode_impl(self, token, input_pos, settings, seen, plan, kv_limit=None, advance=False):
         logits = self.model(token, input_pos, self.cache, kv_limit=kv_limit)[:, -1]
         # The float32 logits hold the head's output exactly: handed to sampling in the model's
         # dtype, a 16-bit one selects the top-k candidates in half the radix passes.
-        return sample(logits.to(self.model.embed.weight.dtype), settings, plan, seen), logits
+        next_token = sample(logits.to(self.model.embed.weight.dtype), settings, plan, seen)
+        if advance:  # compiled steps over their own buffers: leave the next step's inputs
+            token.copy_(next_token[:, None])
+            input_pos.add_(1)
+        return next_token, logits
 
     def _decode_fn(self, plan: SamplingPlan) -> Callable:
         fn = self._decode_fns.get(plan)
         if fn is None:
             fn = functools.partial(self._decode_impl, plan=plan)
             if self.compile_decode:
-                fn = torch.compile(fn, fullgraph=True, backend=self.backend,
+                fn = torch.compile(functools.partial(fn, advance=True), fullgraph=True,
+                                   backend=self.backend,
                                    options=self._options(cudagraphs=self.device.type == "cuda"))
             self._decode_fns[plan] = fn
         return fn
 
-    def _static_inputs(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copy `sources` into this step's persistent input buffers and return the buffers.
+    def _static_inputs(self, sources: list) -> tuple[tuple, list[torch.Tensor]]:
+        """Bring this step's persistent input buffers to `sources`; return their key and them.
 
         CUDA-graph trees copy every graph input whose address is not static into the graph's own
         memory, one small kernel each; buffers marked static (as the KV cache is) are read in
         place. They are made once per set of shapes, inside inference mode like every decode
-        input, so compiled graphs never see the kind of tensor change.
+        input, so compiled graphs never see the kind of tensor change. A buffer that already
+        holds its source (see `_holds`) is not copied again: a decode loop's settings are copied
+        once, and a step that continues the last one copies nothing.
 
         Args:
-            sources: the step's input tensors, in the compiled function's order.
+            sources: the step's inputs in the compiled function's order: tensors, and the
+                position as a [B, 1] tensor or an int (every row at that position).
         Returns:
-            buffers of the same shapes and dtypes on this step's device, holding their values.
+            (key, buffers): the buffers have the sources' shapes and dtypes (the position's:
+            the token's shape, long), on this step's device, holding their values.
         """
-        key = tuple((tuple(t.shape), t.dtype) for t in sources)
+        token = sources[0]
+        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else int
+                    for t in sources)
         buffers = self._decode_inputs.get(key)
         if buffers is None:
-            buffers = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in sources]
+            buffers = [torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                       if isinstance(t, torch.Tensor) else
+                       torch.empty(token.shape, dtype=torch.long, device=self.device)
+                       for t in sources]
             for buffer in buffers:
                 torch._dynamo.mark_static_address(buffer)
             self._decode_inputs[key] = buffers
+        held = self._held.pop(key, [None] * len(sources))  # a failed step leaves none held
+        copies = []
+        for buffer, source, what in zip(buffers, sources, held):
+            if _holds(what, source):
+                continue
+            if isinstance(source, int):
+                buffer.fill_(source)
+            else:
+                copies.append((buffer, source))
         # One kernel per dtype: _foreach_copy_ fuses the copies only when all sources share one.
-        for dtype in dict.fromkeys(t.dtype for t in sources):
-            pairs = [(b, t) for b, t in zip(buffers, sources) if t.dtype == dtype]
+        for dtype in dict.fromkeys(t.dtype for _, t in copies):
+            pairs = [(b, t) for b, t in copies if t.dtype == dtype]
             torch._foreach_copy_([b for b, _ in pairs], [t for _, t in pairs])
-        return buffers
+        self._held[key] = [_holding(t) for t in sources]
+        return key, buffers
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -256,13 +309,15 @@ class Steps:
         return self._prefill_fn(tokens, input_pos, logit_index, start_pos + padded)
 
     @torch.inference_mode()
-    def decode(self, token: torch.Tensor, input_pos: torch.Tensor, settings: SamplingTensors,
+    def decode(self, token: torch.Tensor, input_pos: torch.Tensor | int, settings: SamplingTensors,
                plan: SamplingPlan, seen: torch.Tensor | None = None, kv_limit: int | None = None,
                return_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode step: feed `token` at `input_pos`, sample the next token.
 
         Args:
-            token: [B, 1] ids; input_pos: [B, 1] positions.
+            token: [B, 1] ids; input_pos: [B, 1] positions, or an int (every row's). A
+                compiled step fed the token the step before returned (or a view of it,
+                unmodified) at the position after that step's int copies neither in.
             settings, plan, seen: sampling (see sampling.sample).
             kv_limit: exclusive bound on the positions in use; eager steps attend over that
                 prefix of the cache only (compiled steps keep static shapes and ignore it).
@@ -275,14 +330,22 @@ class Steps:
                              "[B, vocab] mask of tokens already in each row")
         fn = self._decode_fn(plan)
         if not self.compile_decode:
+            if isinstance(input_pos, int):
+                input_pos = torch.full(token.shape, input_pos, device=token.device)
             next_token, logits = fn(token, input_pos, settings, seen, kv_limit=kv_limit)
             return next_token, logits if return_logits else None
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         # `seen` only where the plan reads it, so no step copies a [B, vocab] mask for nothing.
-        token, input_pos, *rest = self._static_inputs(
-            [token, input_pos, *settings, *([seen] if plan.penalize else [])])
-        settings, seen = SamplingTensors(*rest[:len(settings)]), rest[-1] if plan.penalize else None
-        next_token, logits = fn(token, input_pos, settings, seen)
-        # CUDA-graph outputs are overwritten by the next replay: hand out copies.
-        return next_token.clone(), logits.clone() if return_logits else None
+        sources = [token, input_pos, *settings, *([seen] if plan.penalize else [])]
+        key, buffers = self._static_inputs(sources)
+        settings = SamplingTensors(*buffers[2:2 + len(settings)])
+        next_token, logits = fn(buffers[0], buffers[1], settings,
+                                buffers[-1] if plan.penalize else None)
+        # CUDA-graph outputs are overwritten by the next replay: hand out copies. The step left
+        # the token it drew and the next position in the buffers: a step fed this copy (or a
+        # view of it, unmodified) and that position copies neither in.
+        next_token = next_token.clone()
+        self._held[key][:2] = ([_holding(next_token), _holding(input_pos + 1)]
+                               if isinstance(input_pos, int) else [None, None])
+        return next_token, logits.clone() if return_logits else None

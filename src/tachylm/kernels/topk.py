@@ -220,7 +220,7 @@ def topk_sample_triton(logits: torch.Tensor, temperature: torch.Tensor, k: int,
 
 
 @torch.library.custom_op("tachylm::topk_sample", mutates_args=(),
-                         schema="(Tensor logits, Tensor temperature, int k) -> Tensor")
+                         schema="(Tensor logits, Tensor temperature, SymInt k) -> Tensor")
 def _topk_sample_op(logits, temperature, k):
     # Drawn here, inside the op, so a CUDA graph replays a fresh draw each time.
     seed = torch.randint(2**62, (1,), device=logits.device)
