@@ -147,6 +147,32 @@ def test_a_step_continuing_the_last_copies_nothing_in_and_others_copy_what_chang
     assert counts[6] == ["copy"]  # the changed setting only
 
 
+def test_after_a_failed_step_the_next_copies_its_inputs_again(model):
+    """A step that raises may have advanced its buffers: the next step copies everything in."""
+    torch._dynamo.reset()
+    greedy = SamplingParams.greedy_params()
+    plan, settings = plan_for([greedy], CONFIG.vocab_size), to_tensors([greedy], "cpu")
+    eager = _steps(model)
+    steps = _steps(model, compile_decode=True, backend="aot_eager")
+    for s in (eager, steps):
+        token = s.prefill(torch.tensor([[3, 1, 4]]), 0).argmax(-1)
+        token, _ = s.decode(token[:, None], 3, settings, plan)
+    compiled = steps._decode_fn(plan)
+
+    def fails(token, input_pos, *args):
+        token.fill_(0)
+        input_pos.fill_(50)
+        raise RuntimeError("out of memory")
+
+    steps._decode_fns[plan] = fails
+    with pytest.raises(RuntimeError, match="out of memory"):
+        steps.decode(token[:, None], 4, settings, plan)
+    steps._decode_fns[plan] = compiled
+    got, _ = steps.decode(token[:, None], 4, settings, plan)
+    want, _ = eager.decode(token[:, None], 4, settings, plan)
+    assert torch.equal(got, want)
+
+
 def test_custom_ops_are_registered_with_inductor_up_front():
     # Inductor (torch <= 2.11) stringifies an unregistered op's arguments at its first call in a
     # graph, exponentially in the graph's depth; Steps registers every tachylm op before compiling.

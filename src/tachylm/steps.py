@@ -340,8 +340,12 @@ class Steps:
         sources = [token, input_pos, *settings, *([seen] if plan.penalize else [])]
         key, buffers = self._static_inputs(sources)
         settings = SamplingTensors(*buffers[2:2 + len(settings)])
-        next_token, logits = fn(buffers[0], buffers[1], settings,
-                                buffers[-1] if plan.penalize else None)
+        try:
+            next_token, logits = fn(buffers[0], buffers[1], settings,
+                                    buffers[-1] if plan.penalize else None)
+        except BaseException:
+            del self._held[key]  # the step may have advanced its buffers: trust none of them
+            raise
         # CUDA-graph outputs are overwritten by the next replay: hand out copies. The step left
         # the token it drew and the next position in the buffers: a step fed this copy (or a
         # view of it, unmodified) and that position copies neither in.
