@@ -10,6 +10,7 @@ import torch
 from tachylm.kernels.quant_matmul import HAS_TRITON
 from tachylm.kernels.topk import (candidates_ref, gumbel_ref, keys_ref, topk_sample,
                                   topk_sample_applies, topk_sample_ref)
+from tachylm.sampling import SamplingParams
 from triton_interpreter import outcome, patch_interpreter, run_child
 
 
@@ -64,6 +65,36 @@ def test_kernels_refuse_bad_input():
     with pytest.raises(ValueError, match="temperature must be"):
         topk_sample(logits, torch.ones(3), 5)
     assert not topk_sample_applies(logits)  # on the CPU sample() keeps the PyTorch path
+
+
+@pytest.mark.parametrize("params, dtype, fused", [
+    (SamplingParams(temperature=0.8, top_k=20, top_p=1.0), torch.bfloat16, True),
+    (SamplingParams(temperature=0.8, top_k=20, top_p=1.0), torch.float16, True),
+    (SamplingParams(temperature=0.8, top_k=20, top_p=1.0), torch.float32, False),
+    (SamplingParams(temperature=0.8, top_k=20, top_p=0.9), torch.bfloat16, False),  # ranks
+    (SamplingParams(temperature=0.8, top_k=0, top_p=1.0), torch.bfloat16, False),  # no top-k
+    (SamplingParams(temperature=0.8, top_k=20, top_p=1.0, repetition_penalty=1.2), torch.bfloat16,
+     False),
+    (SamplingParams.greedy_params(), torch.bfloat16, False),  # an argmax
+])
+def test_sample_takes_the_kernels_for_top_k_alone_on_16_bit_logits(params, dtype, fused,
+                                                                  monkeypatch):
+    import tachylm.sampling as sampling
+
+    calls = []
+
+    def kernels(logits, temperature, k):
+        calls.append(k)
+        return logits.float().argmax(dim=-1)
+
+    monkeypatch.setattr(sampling, "topk_sample_applies", lambda logits: True)  # as on CUDA
+    monkeypatch.setattr(sampling, "topk_sample", kernels)
+    logits = torch.randn(2, 50).to(dtype)
+    plan = sampling.plan_for([params] * 2, 50)
+    seen = torch.zeros(2, 50, dtype=torch.bool)
+    tokens = sampling.sample(logits, sampling.to_tensors([params] * 2, "cpu"), plan, seen)
+    assert tokens.shape == (2,)
+    assert calls == ([20] if fused else [])
 
 
 # ----------------------------------------------------------------------------------------------
