@@ -96,8 +96,9 @@ def test_a_step_continuing_the_last_copies_nothing_in_and_others_copy_what_chang
                                                                                    monkeypatch):
     """The compiled step leaves the token it drew and the next position in its buffers: a step
     fed that token (as returned) at that int position copies nothing in. A step at another
-    position, with another token, or with settings changed in place copies what changed, and
-    every step still draws what eager draws."""
+    position, with another token, with settings changed in place or with the position as a
+    tensor copies what changed, into the same buffers, and every step still draws what eager
+    draws."""
     torch._dynamo.reset()
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     greedy = SamplingParams.greedy_params()
@@ -121,23 +122,26 @@ def test_a_step_continuing_the_last_copies_nothing_in_and_others_copy_what_chang
         monkeypatch.setattr(torch, "_foreach_copy_", count_copy)
         monkeypatch.setattr(torch.Tensor, "fill_", count_fill)
         out, counts = [], []
-        # (token fed, position): continuing, continuing, the same position again, a new token at
-        # the next position, then continuing with the temperature raised in place
-        for i, how in enumerate(["first", "next", "next", "again", "other", "next", "hot"]):
+        pos = 7  # the prompt's last position
+        # continuing, continuing, the same position again, a new token at the next position,
+        # continuing, a setting changed in place, the position as a tensor
+        for how in ["first", "next", "next", "again", "other", "next", "changed", "tensor"]:
             copied.clear()
             if how == "again":
                 pos -= 1
             if how == "other":
                 token = (token + 1) % CONFIG.vocab_size
-            if how == "hot":
+            if how == "changed":
                 settings.temperature.fill_(0.0)  # still greedy, but changed in place
                 copied.clear()
-            pos = 8 if how == "first" else pos + 1
-            token, _ = steps.decode(token[:, None], pos, settings, plan, return_logits=False)
+            pos += 1
+            position = torch.tensor([[pos]]) if how == "tensor" else pos
+            token, _ = steps.decode(token[:, None], position, settings, plan, return_logits=False)
             out.append(int(token))
             counts.append(list(copied))
         monkeypatch.undo()
         runs[name] = out, counts
+        assert len(steps._decode_inputs) == (name == "compiled")  # one set for ints and tensors
     assert runs["compiled"][0] == runs["eager"][0]
     counts = runs["compiled"][1]
     assert counts[0] == ["fill", "copy", "copy", "copy", "copy", "copy", "copy"]  # all of it
@@ -145,6 +149,7 @@ def test_a_step_continuing_the_last_copies_nothing_in_and_others_copy_what_chang
     assert counts[3] == ["fill"]  # the position only
     assert counts[4] == ["copy"]  # the token only
     assert counts[6] == ["copy"]  # the changed setting only
+    assert counts[7] == ["copy"]  # the position, given as a tensor
 
 
 def test_after_a_failed_step_the_next_copies_its_inputs_again(model):

@@ -176,8 +176,8 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         [B] long token ids.
 
     On CUDA, 16-bit logits under a plan of top-k alone (the bench's) are sampled by
-    `kernels.topk.topk_sample` in four launches, in place of a radix top-k and the ops after it;
-    among logits equal at the k-th place it keeps the lowest ids (torch.topk keeps any).
+    `kernels.topk.topk_sample` in three Triton kernels, in place of a radix top-k and the ops
+    after it; it keeps every logit equal to the k-th largest (torch.topk keeps k, any of them).
     """
     select = logits if logits.dtype in (torch.bfloat16, torch.float16) and not plan.penalize else None
     if (plan.sampled and plan.candidates and not plan.rank and select is not None

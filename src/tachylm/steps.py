@@ -8,8 +8,9 @@ Decode runs model + sampling as one step (compiled with CUDA graphs when asked).
 reads its inputs from persistent, static-address buffers that `Steps` owns, so CUDA graphs copy
 none of them, and leaves in them the inputs of the step that continues it (the token it drew, the
 next position): a step fed the token the last one returned, at the next position (an int), and
-the same sampling settings, copies nothing in before its graph runs. Prefill pads the prompt to a multiple of `PREFILL_MULTIPLE` so
-compiled prefill sees few distinct shapes, and returns the logits of each row's last real token only.
+the same sampling settings, copies nothing in before its graph runs. Prefill pads the prompt to a
+multiple of `PREFILL_MULTIPLE` so compiled prefill sees few distinct shapes, and returns the
+logits of each row's last real token only.
 Next to compiled decode on a GPU, a short prompt's prefill (up to max(PREFILL_GRAPH_LENGTHS)
 tokens, a first prompt or a chat's next turn) replays a CUDA graph captured per padded length
 instead of launching every kernel from Python.
@@ -240,15 +241,15 @@ class Steps:
             (key, buffers): the buffers have the sources' shapes and dtypes (the position's:
             the token's shape, long), on this step's device, holding their values.
         """
-        token = sources[0]
-        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else int
-                    for t in sources)
+        # an int position takes the buffer a [B, 1] position tensor would: one set of buffers
+        # (and one CUDA graph) serves both
+        shapes = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor)
+                  else (tuple(sources[0].shape), torch.long) for t in sources]
+        key = tuple(shapes)
         buffers = self._decode_inputs.get(key)
         if buffers is None:
-            buffers = [torch.empty(t.shape, dtype=t.dtype, device=self.device)
-                       if isinstance(t, torch.Tensor) else
-                       torch.empty(token.shape, dtype=torch.long, device=self.device)
-                       for t in sources]
+            buffers = [torch.empty(shape, dtype=dtype, device=self.device)
+                       for shape, dtype in shapes]
             for buffer in buffers:
                 torch._dynamo.mark_static_address(buffer)
             self._decode_inputs[key] = buffers
