@@ -113,7 +113,7 @@ if HAS_TRITON:
     def _high_byte_kernel(bits_ptr, counts_ptr, V, stride, CHUNK: tl.constexpr,
                           BINS: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0)
-        bits, _, mask = _chunk(bits_ptr, row, stride, V, CHUNK)  # before the wait: see below
+        bits, _, mask = _chunk(bits_ptr, row, stride, V, CHUNK)  # before the wait: see _chunk
         pdl_start(PDL)
         pdl_release(PDL)
         hist = tl.histogram(_keys(bits) >> 8, BINS, mask=mask)
