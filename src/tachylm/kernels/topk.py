@@ -173,8 +173,13 @@ if HAS_TRITON:
             tl.store(out_ptr + row, tl.minimum(token, V - 1).to(tl.int64))
 
 
+def _layout_fits(logits: torch.Tensor) -> bool:
+    """[B, V] 16-bit logits with unit stride along V: what the kernels read."""
+    return logits.dim() == 2 and logits.dtype in SAMPLE_DTYPES and logits.stride(-1) == 1
+
+
 def _check(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> None:
-    if logits.dim() != 2 or logits.dtype not in SAMPLE_DTYPES or logits.stride(-1) != 1:
+    if not _layout_fits(logits):
         raise ValueError(f"topk_sample: logits must be [B, V] bfloat16 or float16 with unit "
                          f"stride along V, got {tuple(logits.shape)} {logits.dtype} "
                          f"strides {logits.stride()}")
@@ -235,8 +240,7 @@ def _topk_sample_fake(logits, temperature, k):
 
 def topk_sample_applies(logits: torch.Tensor) -> bool:
     """The kernels take these logits: 16-bit, [B, V] with unit stride along V, on CUDA."""
-    return (HAS_TRITON and logits.is_cuda and logits.dim() == 2
-            and logits.dtype in SAMPLE_DTYPES and logits.stride(-1) == 1)
+    return HAS_TRITON and logits.is_cuda and _layout_fits(logits)
 
 
 def topk_sample(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> torch.Tensor:
