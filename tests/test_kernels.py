@@ -1148,7 +1148,7 @@ def test_cuda_compiled_with_cuda_graphs():
     rounds once; outputs of magnitude ~20 near cancellation differ by a bf16 ulp, 0.125.)
     """
     torch.cuda.synchronize()
-    qm._SPLIT_COUNTERS.clear()
+    qm._PERSISTENT.clear()
     gen = torch.Generator().manual_seed(5)
     n, k, group = 256, 4096, 64  # 16-64 row blocks over 4-16 K tiles: every config splits K
     layers = {s: _cuda_layer(s, n, k, group, gen) for s in ("int8", "fp8", "int4")}

@@ -72,7 +72,7 @@ is a `torch.library.custom_op` with a fake (shape) implementation, so the compil
 the Triton launch code. Autotuning runs at the first call of each shape (a few seconds per shape,
 weights read from DRAM: see `_tuning_bench`); make that call (a warm-up) before capturing a CUDA
 graph, as `torch.compile(mode="reduce-overhead")` does by itself (its warm-up run may be the very
-first call: the split-K counters are allocated so that this is safe, see `split_counters`).
+first call: the split-K counters are allocated so that this is safe, see `persistent_zeros`).
 """
 
 import concurrent.futures
@@ -1230,39 +1230,50 @@ def pdl_launch(device: torch.device) -> dict:
     return {"PDL": False}
 
 
-_SPLIT_COUNTERS: dict = {}
+_PERSISTENT: dict = {}
 _COUNTER_SLOTS = 4096
 
 
-def split_counters(device: torch.device, needed: int = 0) -> torch.Tensor:
-    """Per-device arrival counters for split-K (and split-KV attention); every launch leaves
-    them at zero again, so kernels on one stream share them. `needed`: slots the launch uses.
+def persistent_zeros(name: str, device: torch.device, numel: int,
+                     dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A zeroed buffer kept for the life of the process, one per (name, device, numel, dtype):
+    the counters and state that kernels leave as they found them (or advance on purpose), so
+    every launch on a stream shares them.
 
-    They live as long as the process, so they must not come from a CUDA-graph memory pool. During
-    the warm-up runs of torch.compile's CUDA-graph trees (which may be the first call of a layer)
-    every allocation of the calling thread goes to the graphs' private pool, where each live block
-    must be a graph output: a counter tensor there fails the trees' pool check ("tensor(s) in the
-    cudagraph pool not tracked as outputs") or is handed out again when they restore a pool
-    checkpoint. Allocations of other threads are not redirected, so a helper thread makes them.
+    They must not come from a CUDA-graph memory pool. During the warm-up runs of torch.compile's
+    CUDA-graph trees (which may be the first call of a layer) every allocation of the calling
+    thread goes to the graphs' private pool, where each live block must be a graph output: a
+    buffer there fails the trees' pool check ("tensor(s) in the cudagraph pool not tracked as
+    outputs") or is handed out again when they restore a pool checkpoint. Allocations of other
+    threads are not redirected, so a helper thread makes them.
     """
-    if needed > _COUNTER_SLOTS:
-        raise RuntimeError(f"a split launch needs {needed} counters, more than {_COUNTER_SLOTS}")
-    counters = _SPLIT_COUNTERS.get(device)
-    if counters is None:
+    key = (name, device, numel, dtype)
+    buffer = _PERSISTENT.get(key)
+    if buffer is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the GEMV kernels' first call on a device must not be inside CUDA "
-                               "graph capture: call the layer once before capturing (a warm-up)")
+            raise RuntimeError(f"the kernels' first call on a device must not be inside CUDA "
+                               f"graph capture ({name}): call the layer once before capturing "
+                               "(a warm-up)")
 
         def allocate() -> torch.Tensor:
-            zeros = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+            zeros = torch.zeros(numel, dtype=dtype, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # zeroed on this thread's stream: wait for it
             return zeros
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            counters = pool.submit(allocate).result()
-        _SPLIT_COUNTERS[device] = counters
-    return counters
+            buffer = pool.submit(allocate).result()
+        _PERSISTENT[key] = buffer
+    return buffer
+
+
+def split_counters(device: torch.device, needed: int = 0) -> torch.Tensor:
+    """Per-device arrival counters for split-K (and split-KV attention); every launch leaves
+    them at zero again, so kernels on one stream share them (`persistent_zeros`). `needed`:
+    slots the launch uses."""
+    if needed > _COUNTER_SLOTS:
+        raise RuntimeError(f"a split launch needs {needed} counters, more than {_COUNTER_SLOTS}")
+    return persistent_zeros("split counters", device, _COUNTER_SLOTS)
 
 
 @functools.lru_cache(maxsize=None)
