@@ -189,6 +189,10 @@ def test_custom_ops_are_registered_with_inductor_up_front():
     register_inductor_fallbacks()
     assert all(op in lowerings for op in custom_ops())
     assert register_inductor_fallbacks() == []  # once is enough
+    # custom_ops() lists every op the package defines (a missing one hung a 32-layer compile);
+    # tachylm.kernels imports every kernel module
+    defined = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("tachylm::")}
+    assert defined == {op.name() for op in custom_ops()}
 
 
 def test_prefill_graph_lengths():

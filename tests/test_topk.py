@@ -10,7 +10,7 @@ import torch
 from tachylm.kernels.quant_matmul import HAS_TRITON
 from tachylm.kernels.topk import (candidates_ref, gumbel_ref, keys_ref, topk_sample,
                                   topk_sample_applies, topk_sample_ref)
-from tachylm.sampling import SamplingParams
+from tachylm.sampling import SamplingParams, seed_draws
 from triton_interpreter import outcome, patch_interpreter, run_child
 
 
@@ -83,7 +83,7 @@ def test_sample_takes_the_kernels_for_top_k_alone_on_16_bit_logits(params, dtype
 
     calls = []
 
-    def kernels(logits, temperature, k):
+    def kernels(logits, temperature, k, feed=None):
         calls.append(k)
         return logits.float().argmax(dim=-1)
 
@@ -95,6 +95,27 @@ def test_sample_takes_the_kernels_for_top_k_alone_on_16_bit_logits(params, dtype
     tokens = sampling.sample(logits, sampling.to_tensors([params] * 2, "cpu"), plan, seen)
     assert tokens.shape == (2,)
     assert calls == ([20] if fused else [])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=20, top_p=1.0),
+                                    SamplingParams(temperature=0.8, top_k=20, top_p=0.9),
+                                    SamplingParams.greedy_params()])
+def test_sample_feeds_the_next_step_on_the_torch_path(params):
+    import tachylm.sampling as sampling
+
+    logits = torch.randn(2, 50).to(torch.bfloat16)
+    plan = sampling.plan_for([params] * 2, 50)
+    feed = (torch.zeros(2, 1, dtype=torch.long), torch.tensor([[4], [9]]))
+    torch.manual_seed(0)
+    tokens = sampling.sample(logits, sampling.to_tensors([params] * 2, "cpu"), plan, feed=feed)
+    assert feed[0][:, 0].tolist() == tokens.tolist()
+    assert feed[1].tolist() == [[5], [10]]
+
+
+def test_kernel_feed_must_be_the_rows_long_buffers():
+    logits = torch.zeros(2, 100, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"feed's token buffer must be \[2, 1\] int64"):
+        topk_sample(logits, torch.ones(2), 5, (torch.zeros(2), torch.zeros(2, 1, dtype=torch.long)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +155,8 @@ def _interpreter_child():
     import triton
     import triton.language as tl
 
-    from tachylm.kernels.topk import topk_sample_triton
+    from tachylm.kernels.quant_matmul import persistent_zeros
+    from tachylm.kernels.topk import seed_sampling, topk_sample_triton
 
     @triton.jit
     def noise_kernel(seed_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -147,17 +169,32 @@ def _interpreter_child():
         result = []
         for seed in SEEDS:
             seed_t = torch.tensor([seed], dtype=torch.int64)
-            tokens = topk_sample_triton(logits, temperature, k, seed_t)
             u = torch.empty(batch * vocab)
             noise_kernel[(-(-u.numel() // 1024),)](seed_t, u, u.numel(), BLOCK=1024)
             noise = -torch.log(-torch.log(u.view(batch, vocab)))
             want = topk_sample_ref(logits, temperature, k, noise)
-            result.append({"got": tokens.tolist(), "want": want.tolist(), "dtype": str(tokens.dtype)})
+            feed = (torch.full((batch, 1), -1), torch.arange(batch)[:, None] * 10)
+            tokens = topk_sample_triton(logits, temperature, k, seed_t, feed)
+            counts = persistent_zeros("top-k histograms", logits.device, batch * 513 + 1)
+            result.append({"got": tokens.tolist(), "want": want.tolist(), "dtype": str(tokens.dtype),
+                           "seed_after": int(seed_t), "fed": feed[0][:, 0].tolist(),
+                           "positions": feed[1][:, 0].tolist(),
+                           "counts_left": int(counts.abs().sum())})
         return result
 
-    results = {name: outcome(draws, name, *case) for name, case in CASES.items()}
-    print(json.dumps(results))
+    def device_seed():
+        """The device's own seed: each call draws afresh, seed_sampling reproduces."""
+        logits = case_logits("bf16-five-chunks", 3, 5000, torch.bfloat16)
+        temperature = torch.ones(3)
+        runs = []
+        for _ in range(2):
+            seed_sampling("cpu", 7)
+            runs.append([topk_sample_triton(logits, temperature, 200).tolist() for _ in range(3)])
+        return runs
 
+    results = {name: outcome(draws, name, *case) for name, case in CASES.items()}
+    results["device-seed"] = outcome(device_seed)
+    print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def interpreted():
@@ -186,6 +223,28 @@ def test_kernels_interpreted_draw_what_the_reference_draws(interpreted, name):
         assert allowed.gather(-1, tokens[:, None]).all()
         greedy = [i for i in range(batch) if TEMPERATURES[i % 4] == 0]
         assert all(tokens[i] == logits[i].float().argmax() for i in greedy)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernels_interpreted_feed_the_next_step_and_leave_their_state_ready(interpreted, name):
+    """Each call writes its tokens into the feed's token buffer and advances its positions,
+    leaves the histograms at zero for the next call and advances the seed by one."""
+    result = interpreted[name]
+    assert "error" not in result, result
+    batch = CASES[name][0]
+    for seed, draw in zip(SEEDS, result):
+        assert draw["fed"] == draw["got"]
+        assert draw["positions"] == [10 * i + 1 for i in range(batch)]
+        assert draw["counts_left"] == 0
+        assert draw["seed_after"] == seed + 1
+
+
+def test_kernels_interpreted_device_seed_draws_afresh_and_reseeding_reproduces(interpreted):
+    runs = interpreted["device-seed"]
+    assert "error" not in runs, runs
+    first, second = runs
+    assert first == second  # seed_sampling(7) again: the same draws
+    assert len({tuple(r) for r in first}) > 1  # each call advanced the seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,14 +278,14 @@ def test_cuda_draws_stay_in_the_top_k_and_follow_the_softmax(dtype):
 
 
 @cuda
-def test_cuda_graph_replays_draw_afresh_and_manual_seed_reproduces():
+def test_cuda_graph_replays_draw_afresh_and_a_seed_reproduces():
     logits = torch.randn(4, 128256, device="cuda").to(torch.bfloat16)
     temperature = torch.ones(4, device="cuda")
     step = torch.compile(lambda x, t: topk_sample(x, t, 200), fullgraph=True,
                          mode="reduce-overhead")
 
     def run():
-        torch.manual_seed(123)
+        seed_draws("cuda", 123)  # torch.manual_seed, then the kernels' seed from it
         out = []
         for _ in range(6):
             torch.compiler.cudagraph_mark_step_begin()

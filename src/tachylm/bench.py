@@ -43,7 +43,8 @@ from tachylm.kernels.linear import use_fast_linears
 from tachylm.kernels.quant_matmul import pdl_launch, use_pdl
 from tachylm.model import Transformer
 from tachylm.quant import apply_quant_option
-from tachylm.sampling import SamplingParams, SamplingPlan, SamplingTensors, plan_for, sample, to_tensors
+from tachylm.sampling import (SamplingParams, SamplingPlan, SamplingTensors, plan_for, sample,
+                              seed_draws, to_tensors)
 from tachylm.steps import PREFILL_MULTIPLE, Steps
 
 Progress = Callable[[str], None]
@@ -477,8 +478,7 @@ def _generate(steps: Steps, prompts: torch.Tensor, start_pos: int, new_tokens: i
         assert produced == new_tokens, (produced, generation.stats.stop_reason)
         return Timing(generation.stats.prefill_s, generation.stats.decode_s, total)
     # Generation's loop for B rows, with one host read of the tokens at the end.
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
+    seed_draws(device, params.seed)
     _sync(device)
     start = time.perf_counter()
     token = sample(steps.prefill(prompts, start_pos), settings, plan)  # [B]

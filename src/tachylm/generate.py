@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from tachylm.sampling import SamplingParams, plan_for, sample, to_tensors
+from tachylm.sampling import SamplingParams, plan_for, sample, seed_draws, to_tensors
 from tachylm.steps import Steps
 
 
@@ -98,8 +98,7 @@ class Generation:
         budget = min(self.max_new_tokens, room)
         plan = plan_for([self.params], vocab)
         settings = to_tensors([self.params], device)
-        if self.params.seed is not None:
-            torch.manual_seed(self.params.seed)
+        seed_draws(device, self.params.seed)
         seen = None
         if plan.penalize:
             seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)

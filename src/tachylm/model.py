@@ -196,7 +196,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, logit_index: torch.Tensor | None = None,
-                kv_limit: int | None = None) -> torch.Tensor:
+                kv_limit: int | None = None, float_logits: bool = True) -> torch.Tensor:
         """Run the network.
 
         Args:
@@ -207,6 +207,8 @@ class Transformer(nn.Module):
             logit_index: optional [B] index into T: return logits for that one position per row.
             kv_limit: attend over cache slots [0, kv_limit) only; every query position must be
                 below it. Saves reading the empty part of a long cache (eager decode).
+            float_logits: return the logits in float32 (False: in the output head's dtype, which
+                float32 holds exactly; a compiled decode step then writes no float32 copy).
         Returns:
             logits [B, T, vocab] (or [B, 1, vocab] with `logit_index`), float32.
         """
@@ -227,4 +229,5 @@ class Transformer(nn.Module):
                       (self.rope_cos, self.rope_sin))
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index][:, None]
-        return self.lm_head(x, norm=self.norm.fused()).float()
+        logits = self.lm_head(x, norm=self.norm.fused())
+        return logits.float() if float_logits else logits

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from tachylm.kernels.topk import topk_sample, topk_sample_applies
+from tachylm.kernels.topk import seed_sampling, topk_sample, topk_sample_applies
 
 # Up to this many top-k candidates are ranked pairwise (a [B, k, k] comparison) instead of sorted.
 PAIRWISE_RANKS = 512
@@ -114,6 +114,16 @@ def plan_for(params: list[SamplingParams], vocab_size: int) -> SamplingPlan:
                         rank=bool(candidates) and not keeps_all, sampled=bool(sampled))
 
 
+def seed_draws(device: torch.device | str, seed: int | None) -> None:
+    """Seed a generation's draws: torch's generators with `seed` when given, then, on CUDA, the
+    top-k kernels' own seed from torch's default generator (`kernels.topk.seed_sampling`), so a
+    seed reproduces a generation whichever path samples it."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        seed_sampling(device)
+
+
 def to_tensors(params: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
     """Stack per-row parameters into device tensors."""
     def col(values, dtype):
@@ -161,7 +171,7 @@ def _filtered_probs(values: torch.Tensor, settings: SamplingTensors, descending:
 
 
 def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+           seen: torch.Tensor | None = None, feed: tuple | None = None) -> torch.Tensor:
     """Pick one token per row.
 
     Args:
@@ -172,6 +182,9 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
         settings: per-row settings.
         plan: static choice of operations (see `plan_for`).
         seen: [B, V] bool, tokens already in the sequence (needed when plan.penalize).
+        feed: optional (token [B, 1], position [B, 1]) long tensors, the next decode step's
+            inputs: the drawn tokens are written into the first and the positions advanced by
+            one (by the top-k kernels themselves where they run).
     Returns:
         [B] long token ids.
 
@@ -182,7 +195,17 @@ def sample(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
     select = logits if logits.dtype in (torch.bfloat16, torch.float16) and not plan.penalize else None
     if (plan.sampled and plan.candidates and not plan.rank and select is not None
             and topk_sample_applies(select)):
-        return topk_sample(select, settings.temperature, plan.candidates)
+        return topk_sample(select, settings.temperature, plan.candidates, feed)
+    tokens = _sample_torch(logits, settings, plan, seen, select)
+    if feed is not None:
+        feed[0].copy_(tokens[:, None])
+        feed[1].add_(1)
+    return tokens
+
+
+def _sample_torch(logits: torch.Tensor, settings: SamplingTensors, plan: SamplingPlan,
+                  seen: torch.Tensor | None, select: torch.Tensor | None) -> torch.Tensor:
+    """`sample` in torch operations (`select`: the 16-bit logits that may pick the top-k)."""
     logits = logits.float()
     if plan.penalize:
         penalty = settings.repetition_penalty[:, None]

@@ -123,6 +123,12 @@ def _holding(source) -> tuple:
     return source, source._version
 
 
+def _float_copy(logits: torch.Tensor) -> torch.Tensor:
+    """A fresh float32 copy of a step's logits (a CUDA-graph output is overwritten by the next
+    replay)."""
+    return logits.to(torch.float32, copy=True)
+
+
 def _holds(held: tuple | None, source) -> bool:
     """A buffer holding `held` (see `_holding`) holds `source` already: the same int, or the
     same memory (the tensor itself, or a contiguous view of it with as many elements, as the
@@ -204,13 +210,13 @@ class Steps:
         return self.model(tokens, input_pos, self.cache, logit_index, kv_limit)[:, 0]
 
     def _decode_impl(self, token, input_pos, settings, seen, plan, kv_limit=None, advance=False):
-        logits = self.model(token, input_pos, self.cache, kv_limit=kv_limit)[:, -1]
-        # The float32 logits hold the head's output exactly: handed to sampling in the model's
-        # dtype, a 16-bit one selects the top-k candidates in half the radix passes.
-        next_token = sample(logits.to(self.model.embed.weight.dtype), settings, plan, seen)
-        if advance:  # compiled steps over their own buffers: leave the next step's inputs
-            token.copy_(next_token[:, None])
-            input_pos.add_(1)
+        # The logits in the head's dtype (float32 would hold them exactly): a 16-bit one selects
+        # the top-k candidates in half the radix passes, and the step writes no float32 copy.
+        logits = self.model(token, input_pos, self.cache, kv_limit=kv_limit,
+                            float_logits=False)[:, -1]
+        # Compiled steps over their own buffers leave the next step's inputs in them.
+        next_token = sample(logits.to(self.model.embed.weight.dtype), settings, plan, seen,
+                            feed=(token, input_pos) if advance else None)
         return next_token, logits
 
     def _decode_fn(self, plan: SamplingPlan) -> Callable:
@@ -334,7 +340,7 @@ class Steps:
             if isinstance(input_pos, int):
                 input_pos = torch.full(token.shape, input_pos, device=token.device)
             next_token, logits = fn(token, input_pos, settings, seen, kv_limit=kv_limit)
-            return next_token, logits if return_logits else None
+            return next_token, _float_copy(logits) if return_logits else None
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         # `seen` only where the plan reads it, so no step copies a [B, vocab] mask for nothing.
@@ -353,4 +359,4 @@ class Steps:
         next_token = next_token.clone()
         self._held[key][:2] = ([_holding(next_token), _holding(input_pos + 1)]
                                if isinstance(input_pos, int) else [None, None])
-        return next_token, logits.clone() if return_logits else None
+        return next_token, _float_copy(logits) if return_logits else None
