@@ -11,7 +11,7 @@ import torch
 
 from tachylm.kernels.attention import (choose_splits, choose_tile, decode_attention,
                                        decode_attention_ref)
-from triton_interpreter import patch_interpreter, run_child
+from triton_interpreter import outcome, patch_interpreter, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -215,9 +215,8 @@ def _interpreter_child():
     from tachylm.kernels import quant_matmul as qm
     from tachylm.kernels.attention import decode_attention_triton
 
-    results = {}
-    for name, case in CASES.items():
-        batch, heads, kv_heads, slots, head_dim, dtype, pos, splits, rope, min_slice, write = case
+    def run(name, batch, heads, kv_heads, slots, head_dim, dtype, pos, splits, rope, min_slice,
+            write):
         q, k, v, input_pos = inputs(name, batch, heads, kv_heads, slots, head_dim, DTYPES[dtype], pos)
         cos, sin = rotary(name, batch, head_dim) if rope else (None, None)
         table = rope == "table"
@@ -231,22 +230,21 @@ def _interpreter_child():
             want_k, want_v = k.clone(), v.clone()
             want_k[rows, :, input_pos], want_v[rows, :, input_pos] = stored_k, stored_v
             k[rows, :, input_pos] = v[rows, :, input_pos] = torch.tensor(1e4, dtype=k.dtype)
-        try:
-            out = decode_attention_triton(q, k, v, input_pos, cos_t if table else cos,
-                                          sin_t if table else sin, new_k, new_v,
-                                          splits=splits, min_slice=min_slice,
-                                          one_program=None if min_slice is None else 0,
-                                          rope_table=table)
-            result = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
-                      "dtype": str(out.dtype), "shape": list(out.shape),
-                      "counters": int(qm.split_counters(q.device).abs().sum())}
-            if write:
-                # the new entries may differ from the float64 rotation by one rounding
-                result["cache_err"] = max(rel_err(k, want_k.double()), rel_err(v, want_v.double()))
-            results[name] = result
-        except Exception as e:  # reported to the parent test
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(results))
+        out = decode_attention_triton(q, k, v, input_pos, cos_t if table else cos,
+                                      sin_t if table else sin, new_k, new_v,
+                                      splits=splits, min_slice=min_slice,
+                                      one_program=None if min_slice is None else 0,
+                                      rope_table=table)
+        result = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
+                  "dtype": str(out.dtype), "shape": list(out.shape),
+                  "counters": int(qm.split_counters(q.device).abs().sum())}
+        if write:
+            # the new entries may differ from the float64 rotation by one rounding
+            result["cache_err"] = max(rel_err(k, want_k.double()), rel_err(v, want_v.double()))
+        return result
+
+    # a case that raises is reported to its parent test
+    print(json.dumps({name: outcome(run, name, *case) for name, case in CASES.items()}))
 
 
 @pytest.fixture(scope="module")

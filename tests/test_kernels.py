@@ -23,7 +23,7 @@ from torch import nn
 
 from tachylm.kernels import quant_matmul as qm
 from tachylm.kernels.linear import FastLinear, FusedLinear, use_fast_linears
-from triton_interpreter import patch_interpreter, run_child
+from triton_interpreter import outcome, patch_interpreter, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -654,60 +654,56 @@ def _interpreter_child():
     # Autotuning on CPU tensors: timing means nothing here, so every config is run once and the
     # first is kept.
     qm._tuning_bench = lambda fn, quantiles: (fn(), [1.0] * len(quantiles))[1]
-    results = {}
-    for name, (scheme, m, dtype, group, config, with_bias, k) in CASES.items():
+    def case(name, scheme, m, dtype, group, config, with_bias, k):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         x = torch.randn(m, k, generator=gen).to(DTYPES[dtype])
         bias = torch.randn(N, generator=gen).to(DTYPES[dtype]) if with_bias else None
         weights, scale, zero = make_weights(scheme, N, k, group, gen, DTYPES[dtype])
-        try:
-            if config is None:
-                out = qm._triton_linear(SCHEMES[scheme], x, weights[0], scale, zero, group, bias)
+        if config is None:
+            out = qm._triton_linear(SCHEMES[scheme], x, weights[0], scale, zero, group, bias)
+        else:
+            config = dict(config)
+            kind = config.pop("kind", None)
+            if kind == "gemm":
+                out = qm._gemm(x, weights[0], scale, bias, config)
             else:
-                config = dict(config)
-                kind = config.pop("kind", None)
-                if kind == "gemm":
-                    out = qm._gemm(x, weights[0], scale, bias, config)
-                else:
-                    out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
-                                   config, kind)
-            counters = int(qm.split_counters(x.device).abs().sum())
-            results[name] = {"rel": rel_err(out, oracle(scheme, x, weights, group, bias)),
-                             "dtype": str(out.dtype), "shape": list(out.shape),
-                             "finite": bool(torch.isfinite(out).all()), "counters": counters}
-        except Exception as e:  # reported to the parent test, which fails with the message
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-    for name, (scheme, m, kind, group, config, k) in FUSION_CASES.items():
+                out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
+                               config, kind)
+        counters = int(qm.split_counters(x.device).abs().sum())
+        return {"rel": rel_err(out, oracle(scheme, x, weights, group, bias)),
+                "dtype": str(out.dtype), "shape": list(out.shape),
+                "finite": bool(torch.isfinite(out).all()), "counters": counters}
+
+    def fusion_case(name, scheme, m, kind, group, config, k):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         x, fusion = make_fusion_inputs(kind, m, N, k, torch.bfloat16, gen)
         bias = torch.randn(N, generator=gen).to(torch.bfloat16)
         weights, scale, zero = make_weights(scheme, N, k, group, gen, torch.bfloat16)
-        try:
-            if config is None:
-                out = qm._triton_linear(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
-                                        fusion)
-            else:
-                out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
-                               dict(config), fusion=fusion)
-            counters = int(qm.split_counters(x.device).abs().sum())
-            want = fused_oracle(scheme, x, weights, group, bias, fusion)
-            results[name] = {"rel": rel_err(out, want), "dtype": str(out.dtype),
-                             "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
-                             "counters": counters}
-        except Exception as e:
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-    for name, (m, k, dtype, wdtype) in NORM_CASES.items():
+        if config is None:
+            out = qm._triton_linear(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
+                                    fusion)
+        else:
+            out = qm._gemv(SCHEMES[scheme], x, weights[0], scale, zero, group, bias,
+                           dict(config), fusion=fusion)
+        counters = int(qm.split_counters(x.device).abs().sum())
+        want = fused_oracle(scheme, x, weights, group, bias, fusion)
+        return {"rel": rel_err(out, want), "dtype": str(out.dtype),
+                "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
+                "counters": counters}
+
+    def norm_case(name, m, k, dtype, wdtype):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         x = (3 * torch.randn(m, k, generator=gen)).to(DTYPES[dtype])
         weight = (torch.rand(k, generator=gen) + 0.5).to(DTYPES[wdtype])
         out = qm.rms_norm_triton(x, weight, EPS)
         want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + EPS)
-        results[name] = {"rel": rel_err(out, want * weight.double()), "dtype": str(out.dtype),
-                         "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
-                         "counters": 0,
-                         "same_as_ref": rel_err(out, qm.rms_norm_ref(x, weight, EPS).double())}
-    # The custom ops (what the CUDA dispatch calls) on CPU tensors, through the autotuner.
-    for name, (scheme, m) in OP_CASES.items():
+        return {"rel": rel_err(out, want * weight.double()), "dtype": str(out.dtype),
+                "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
+                "counters": 0,
+                "same_as_ref": rel_err(out, qm.rms_norm_ref(x, weight, EPS).double())}
+
+    def op_case(name, scheme, m):
+        """The custom ops (what the CUDA dispatch calls) on CPU tensors, through the autotuner."""
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         x = torch.randn(m, 64, generator=gen).to(torch.bfloat16)
         if scheme == "int4":
@@ -719,9 +715,15 @@ def _interpreter_child():
         else:
             weights = (make_int8 if scheme == "int8" else make_fp8)(24, 64, gen)
             out = getattr(torch.ops.tachylm, f"{scheme}_linear")(x, *weights, None)
-        results[name] = {"rel": rel_err(out, oracle(scheme, x, weights, 32)),
-                         "dtype": str(out.dtype), "shape": list(out.shape),
-                         "finite": bool(torch.isfinite(out).all()), "counters": 0}
+        return {"rel": rel_err(out, oracle(scheme, x, weights, 32)),
+                "dtype": str(out.dtype), "shape": list(out.shape),
+                "finite": bool(torch.isfinite(out).all()), "counters": 0}
+
+    # a case that raises is reported to its parent test, which fails with the message
+    results = {}
+    for run, cases in ((case, CASES), (fusion_case, FUSION_CASES), (norm_case, NORM_CASES),
+                       (op_case, OP_CASES)):
+        results.update({name: outcome(run, name, *args) for name, args in cases.items()})
     print(json.dumps(results))
 
 
