@@ -145,6 +145,7 @@ CASES = {
     "k-one": (3, 3000, 1, torch.bfloat16),
     "k-whole-vocabulary-one-chunk": (3, 700, 700, torch.bfloat16),
     "one-chunk": (2, 700, 50, torch.float16),
+    "one-row": (1, 5000, 200, torch.bfloat16),  # a batch of one: the seed's own branch
 }
 TEMPERATURES = [1.0, 0.0, 0.6, 2.5]
 SEEDS = [3, 2**40 + 11]
