@@ -156,8 +156,7 @@ def _interpreter_child():
     import triton
     import triton.language as tl
 
-    from tachylm.kernels.quant_matmul import persistent_zeros
-    from tachylm.kernels.topk import seed_sampling, topk_sample_triton
+    from tachylm.kernels.topk import histograms, seed_sampling, topk_sample_triton
 
     @triton.jit
     def noise_kernel(seed_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -176,7 +175,7 @@ def _interpreter_child():
             want = topk_sample_ref(logits, temperature, k, noise)
             feed = (torch.full((batch, 1), -1), torch.arange(batch)[:, None] * 10)
             tokens = topk_sample_triton(logits, temperature, k, seed_t, feed)
-            counts = persistent_zeros("top-k histograms", logits.device, batch * 513 + 1)
+            counts = histograms(logits.device, batch)
             result.append({"got": tokens.tolist(), "want": want.tolist(), "dtype": str(tokens.dtype),
                            "seed_after": int(seed_t), "fed": feed[0][:, 0].tolist(),
                            "positions": feed[1][:, 0].tolist(),

@@ -217,10 +217,21 @@ def _check(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> None:
                          f"{tuple(temperature.shape)} {temperature.dtype}")
 
 
+def _seed_buffer(device: torch.device) -> torch.Tensor:
+    return persistent_zeros("top-k seed", device, 1, torch.int64)
+
+
+def histograms(device: torch.device, batch: int) -> torch.Tensor:
+    """The kernels' counts for `batch` rows: per row the high bytes' histogram, the low bytes'
+    (of the k-th key's high byte) and the row's arrivals; then the rows finished. Every call
+    leaves them at zero."""
+    return persistent_zeros("top-k histograms", device, batch * (2 * _BINS + 1) + 1)
+
+
 def _seed_state(device: torch.device) -> torch.Tensor:
     """The device's noise seed ([1] int64), which every call advances by one; seeded from torch's
     default generator when first made."""
-    state = persistent_zeros("top-k seed", device, 1, torch.int64)
+    state = _seed_buffer(device)
     if _SEEDED.get(device) is not state:
         seed_sampling(device)
     return state
@@ -238,7 +249,7 @@ def seed_sampling(device, seed: int | None = None) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     if seed is None:
         seed = int(torch.randint(2**62, (1,)))
-    state = persistent_zeros("top-k seed", device, 1, torch.int64)
+    state = _seed_buffer(device)
     state.fill_(seed)
     _SEEDED[device] = state
 
@@ -274,9 +285,7 @@ def topk_sample_triton(logits: torch.Tensor, temperature: torch.Tensor, k: int,
     device = logits.device
     if seed is None:
         seed = _seed_state(device)
-    # per row: the high bytes' histogram, the low bytes' (of the k-th key's high byte) and the
-    # row's arrivals; then the rows finished. Every call leaves them at zero.
-    counts = persistent_zeros("top-k histograms", device, batch * (2 * _BINS + 1) + 1)
+    counts = histograms(device, batch)
     best = torch.empty((batch, chunks), dtype=torch.float32, device=device)
     index = torch.empty((batch, chunks), dtype=torch.int32, device=device)
     out = torch.empty((batch,), dtype=torch.int64, device=device)
