@@ -153,11 +153,25 @@ def test_kernel_refuses_inputs_it_cannot_take():
 
 
 def test_splits_cover_the_gpu_but_not_past_the_cache():
+    # small tiles: past two programs a SM
     assert choose_splits(1, 8, 131072, 132) == 64  # 8 kv heads: 64 slices fill 2 x 132 SMs
     assert choose_splits(8, 8, 131072, 132) == 8
-    assert choose_splits(1, 8, 256, 132) == 4  # 256 slots are 4 tiles of 64
+    assert choose_splits(1, 8, 512, 132) == 8  # 512 slots are 8 tiles of 64
     assert choose_splits(64, 8, 4096, 132) == 1
-    assert choose_splits(1, 8, 256, 132, block_s=128) == 2  # 256 slots are 2 tiles of 128
+    assert choose_splits(1, 8, 512, 132, block_s=128) == 4  # 512 slots are 4 tiles of 128
+    # the own-SM tile: one program a SM, one wave
+    assert choose_splits(1, 8, 16384, 132, 128, one_per_sm=True) == 16  # 128 programs
+    assert choose_splits(1, 32, 4096, 132, 128, one_per_sm=True) == 4
+    assert choose_splits(16, 8, 4096, 132, 128, one_per_sm=True) == 1
+    assert choose_splits(1, 8, 384, 132, 128, one_per_sm=True) == 2  # 3 tiles
+
+
+def test_one_slice_where_no_row_can_pass_one_program():
+    # a cache of at most _ONE_PROGRAM slots never has a second slice in use
+    assert choose_splits(1, 8, 256, 132) == 1
+    assert choose_splits(1, 8, 256, 132, block_s=128, one_per_sm=True) == 1
+    assert choose_splits(1, 8, 257, 132) == 4  # 257 slots: 5 tiles of 64
+    assert choose_splits(1, 8, 256, 132, one_program=0) == 4  # a test's forced slicing
 
 
 def test_large_tiles_only_where_each_program_has_an_sm_and_they_fit():

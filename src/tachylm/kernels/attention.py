@@ -352,13 +352,24 @@ def choose_tile(batch: int, n_kv_heads: int, sms: int, head_dim: int, element_si
 
 
 def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int,
-                  block_s: int = _BLOCK_S) -> int:
-    """Most slices per kv head: enough programs for two per SM, never more than tiles of
-    block_s slots in the cache. The kernel uses fewer at short lengths (`_ONE_PROGRAM`,
-    `_MIN_SLICE`)."""
+                  block_s: int = _BLOCK_S, one_per_sm: bool = False,
+                  one_program: int = _ONE_PROGRAM) -> int:
+    """Most slices per kv head, never more than the cache's tiles of block_s slots.
+
+    One where no row can pass `one_program` slots (the kernel would use one slice). Otherwise as
+    many as fill the GPU: with a tile whose shared memory leaves room for one program a SM
+    (`one_per_sm`, the `_TILE_OWN_SM` tile) one wave, batch * n_kv_heads * splits <= sms; a
+    second wave of such programs waits for the first to leave (on an H100, 8B shape, 4000 filled
+    slots: 32 slices 15.7 us, 16 slices 12.0 us, BENCHMARKS.md); with smaller tiles two programs
+    a SM. The kernel uses fewer at short lengths (`_ONE_PROGRAM`, `_MIN_SLICE`)."""
+    if slots <= one_program:
+        return 1
+    programs = batch * n_kv_heads
     splits = 1
     tiles = -(-slots // block_s)
-    while batch * n_kv_heads * splits < 2 * sms and splits < _MAX_SPLITS and splits * 2 <= tiles:
+    while splits < _MAX_SPLITS and splits * 2 <= tiles:
+        if (programs * splits * 2 > sms) if one_per_sm else (programs * splits >= 2 * sms):
+            break
         splits *= 2
     return splits
 
@@ -391,7 +402,9 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sms = _sm_count(q.device)
     block_s, stages = choose_tile(batch, n_kv_heads, sms, head_dim, q.element_size())
     if splits is None:
-        splits = choose_splits(batch, n_kv_heads, slots, sms, block_s)
+        splits = choose_splits(batch, n_kv_heads, slots, sms, block_s,
+                               one_per_sm=(block_s, stages) == _TILE_OWN_SM,
+                               one_program=_ONE_PROGRAM if one_program is None else one_program)
     out = torch.empty_like(q)
     ws = torch.empty((batch * n_heads * splits, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch * n_heads * splits,), dtype=torch.float32, device=q.device)
