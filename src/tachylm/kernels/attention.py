@@ -360,8 +360,9 @@ def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int,
     many as fill the GPU: with a tile whose shared memory leaves room for one program a SM
     (`one_per_sm`, the `_TILE_OWN_SM` tile) one wave, batch * n_kv_heads * splits <= sms; a
     second wave of such programs waits for the first to leave (on an H100, 8B shape, 4000 filled
-    slots: 32 slices 15.7 us, 16 slices 12.0 us, BENCHMARKS.md); with smaller tiles two programs
-    a SM. The kernel uses fewer at short lengths (`_ONE_PROGRAM`, `_MIN_SLICE`)."""
+    slots, in the decode chain: 32 slices 15.6-15.8 us, 16 slices 11.6-12.0 us, BENCHMARKS.md);
+    with smaller tiles two programs a SM. The kernel uses fewer at short lengths
+    (`_ONE_PROGRAM`, `_MIN_SLICE`)."""
     if slots <= one_program:
         return 1
     programs = batch * n_kv_heads
