@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tachylm.kernels.attention import (choose_splits, choose_tile, decode_attention,
-                                       decode_attention_ref)
+                                       decode_attention_ref, launch_shape)
 from triton_interpreter import outcome, patch_interpreter, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -172,6 +172,17 @@ def test_one_slice_where_no_row_can_pass_one_program():
     assert choose_splits(1, 8, 256, 132, block_s=128, one_per_sm=True) == 1
     assert choose_splits(1, 8, 257, 132) == 4  # 257 slots: 5 tiles of 64
     assert choose_splits(1, 8, 256, 132, one_program=0) == 4  # a test's forced slicing
+
+
+def test_launch_slices_for_the_tile_it_takes():
+    # 8B shape, one row: the own-SM tile, one wave of 8 x 16 programs on 132 SMs
+    assert launch_shape(1, 8, 16384, 132, 128, 2) == (128, 3, 16)
+    assert launch_shape(1, 32, 4096, 132, 128, 2) == (128, 3, 4)  # 7B shape: 32 x 4
+    assert launch_shape(1, 8, 256, 132, 128, 2) == (128, 3, 1)  # never past one program
+    assert launch_shape(1, 8, 256, 132, 128, 2, one_program=0) == (128, 3, 2)
+    # float32 takes the small tile, two programs a SM
+    assert launch_shape(1, 8, 16384, 132, 128, 4) == (64, 2, 64)
+    assert launch_shape(32, 8, 16384, 132, 128, 2) == (64, 2, 2)  # 256 programs share SMs
 
 
 def test_large_tiles_only_where_each_program_has_an_sm_and_they_fit():

@@ -375,6 +375,17 @@ def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int,
     return splits
 
 
+def launch_shape(batch: int, n_kv_heads: int, slots: int, sms: int, head_dim: int,
+                 element_size: int, one_program: int | None = None) -> tuple:
+    """(slots per tile, pipeline stages, slices per kv head) of a launch: `choose_tile`, then
+    `choose_splits` for that tile (`one_program` overrides `_ONE_PROGRAM`)."""
+    block_s, stages = choose_tile(batch, n_kv_heads, sms, head_dim, element_size)
+    splits = choose_splits(batch, n_kv_heads, slots, sms, block_s,
+                           one_per_sm=(block_s, stages) == _TILE_OWN_SM,
+                           one_program=_ONE_PROGRAM if one_program is None else one_program)
+    return block_s, stages, splits
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few slices, so tests cover the merge
@@ -400,12 +411,9 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, n_heads, head_dim = q.shape
     n_kv_heads, slots = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
-    sms = _sm_count(q.device)
-    block_s, stages = choose_tile(batch, n_kv_heads, sms, head_dim, q.element_size())
-    if splits is None:
-        splits = choose_splits(batch, n_kv_heads, slots, sms, block_s,
-                               one_per_sm=(block_s, stages) == _TILE_OWN_SM,
-                               one_program=_ONE_PROGRAM if one_program is None else one_program)
+    block_s, stages, chosen = launch_shape(batch, n_kv_heads, slots, _sm_count(q.device), head_dim,
+                                           q.element_size(), one_program)
+    splits = chosen if splits is None else splits
     out = torch.empty_like(q)
     ws = torch.empty((batch * n_heads * splits, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch * n_heads * splits,), dtype=torch.float32, device=q.device)
