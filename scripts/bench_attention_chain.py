@@ -55,10 +55,22 @@ def main() -> None:
     parser.add_argument("--filled", default="200", help="filled lengths, comma-separated")
     parser.add_argument("--splits", default="", help="explicit slice counts to time too")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (it times Triton kernels in a CUDA graph)")
     config = SHAPES[args.shape]
-    filled_list = [int(f) for f in args.filled.split(",")]
+
+    def ints(text: str, flag: str) -> list:
+        try:
+            return [int(n) for n in text.split(",") if n.strip()]
+        except ValueError:
+            parser.error(f"{flag} takes comma-separated integers, got {text!r}")
+
+    filled_list = ints(args.filled, "--filled")
     if any(not 1 <= f <= args.slots for f in filled_list):
         parser.error(f"--filled lengths must lie in 1..--slots ({args.slots})")
+    splits_list = ints(args.splits, "--splits")
+    if any(n < 1 for n in splits_list):
+        parser.error("--splits counts must be at least 1")
     heads, kv_heads, head_dim, dim = (config.n_heads, config.n_kv_heads, config.head_dim,
                                       config.dim)
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
@@ -99,7 +111,7 @@ def main() -> None:
         return x
 
     variants = {"none": "none", "copy": "copy", "default": None}
-    variants.update({f"splits {n}": int(n) for n in args.splits.split(",") if n})
+    variants.update({f"splits {n}": n for n in splits_list})
     print(f"# {args.shape}: {heads} heads, {kv_heads} kv heads, {args.layers} layers, "
           f"{args.slots} slots, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for filled in filled_list:
