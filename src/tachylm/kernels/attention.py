@@ -365,12 +365,12 @@ def choose_splits(batch: int, n_kv_heads: int, slots: int, sms: int,
     (`_ONE_PROGRAM`, `_MIN_SLICE`)."""
     if slots <= one_program:
         return 1
-    programs = batch * n_kv_heads
+    # The most programs that may still double: to at most one a SM (one wave), or on past two a SM.
+    doubles_up_to = sms // 2 if one_per_sm else 2 * sms - 1
     splits = 1
     tiles = -(-slots // block_s)
-    while splits < _MAX_SPLITS and splits * 2 <= tiles:
-        if (programs * splits * 2 > sms) if one_per_sm else (programs * splits >= 2 * sms):
-            break
+    while (batch * n_kv_heads * splits <= doubles_up_to and splits < _MAX_SPLITS
+           and splits * 2 <= tiles):
         splits *= 2
     return splits
 
