@@ -55,8 +55,6 @@ def main() -> None:
     parser.add_argument("--filled", default="200", help="filled lengths, comma-separated")
     parser.add_argument("--splits", default="", help="explicit slice counts to time too")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (it times Triton kernels in a CUDA graph)")
     config = SHAPES[args.shape]
 
     def ints(text: str, flag: str) -> list:
@@ -71,6 +69,8 @@ def main() -> None:
     splits_list = ints(args.splits, "--splits")
     if any(n < 1 for n in splits_list):
         parser.error("--splits counts must be at least 1")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (it times Triton kernels in a CUDA graph)")
     heads, kv_heads, head_dim, dim = (config.n_heads, config.n_kv_heads, config.head_dim,
                                       config.dim)
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
