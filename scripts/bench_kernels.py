@@ -76,7 +76,8 @@ def make_weights(scheme: str, n: int, k: int, gen: torch.Generator) -> tuple:
         q = torch.randint(0, 256, (n, k // 2), generator=gen, device=dev, dtype=torch.uint8)
         scale = torch.rand(n, k // GROUP, generator=gen, device=dev) * 0.02 + 1e-3
         zero = torch.rand(n, k // GROUP, generator=gen, device=dev) * 15
-        return q, scale.to(torch.bfloat16), zero.to(torch.bfloat16)  # as `Int4Linear` holds them
+        scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)  # as `Int4Linear` holds
+        return q, scale, zero, qm.pack_scale_zero(scale, zero)  # them, with the packed pair
     return (torch.randn(n, k, generator=gen, device=dev, dtype=torch.bfloat16) * 0.02,)
 
 
@@ -87,7 +88,7 @@ def layer(scheme: str):
     if scheme == "fp8":
         return lambda x, w: qm.fp8_linear(x, *w)
     if scheme == "int4":
-        return lambda x, w: qm.int4_linear(x, w[0], w[1], w[2], GROUP)
+        return lambda x, w: qm.int4_linear(x, w[0], w[1], w[2], GROUP, scale_zero=w[3])
     if scheme == "dense":
         return lambda x, w: qm.dense_linear(x, w[0])
     return lambda x, w: F.linear(x, w[0])
@@ -153,6 +154,10 @@ def chosen_config(scheme: str, m: int, kind: str = "") -> str:
     scheme_id = SCHEME_IDS[scheme]
     if not kind and not qm._gemv_applies(scheme_id, m, torch.bfloat16):
         return "cuBLAS" if scheme == "dense" else "dequantize+cuBLAS"
+    if scheme == "int4" and m == 1 and not kind and hasattr(qm, "_tuned_dp4a"):
+        config = qm._tuned_dp4a().best_config  # the integer GEMV (the packed scales are given)
+        kw = config.kwargs
+        return f"dp4a BN{kw['BLOCK_N']} W{kw['BLOCK_W']} w{config.num_warps} st{kw['STAGES']}"
     kind = kind or qm._kernel_kind(scheme_id, m)
     args = (scheme_id, kind, group_of(scheme), m == 1)
     if scheme == "int4" and "prescale" in inspect.signature(qm._tuned_kernel.__wrapped__).parameters:

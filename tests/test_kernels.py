@@ -449,6 +449,9 @@ def run_ptx(text, inputs, n_out):
             r = 0
             for i, (x, y, z) in enumerate(halves):
                 r |= _bf16_bits_rne(x * y + z) << (16 * i)
+        elif op == "dp4a.u32.s32":  # c + sum of unsigned bytes of a times signed bytes of b
+            r = a[2] + sum(((a[0] >> (8 * i)) & 0xFF) * _int8((a[1] >> (8 * i)) & 0xFF)
+                           for i in range(4))
         elif op == "cvt.rn.bf16x2.f32":  # d = {a -> upper half, b -> lower half}
             r = (_half_bits(_f32(a[0]), "bf16") << 16) | _half_bits(_f32(a[1]), "bf16")
         else:
@@ -516,6 +519,25 @@ def test_ptx_nibbles_scaled_match_one_rounding(scale, m):
             s_i, m_i = _half(scales[i], "bf16"), _half(ms[i], "bf16")
             assert low[i] == _bf16_bits_rne(float(byte & 0xF) * float(s_i) + float(m_i))
             assert high[i] == _bf16_bits_rne(float(byte >> 4) * float(s_i) + float(m_i))
+
+
+def test_ptx_dp4a_matches_plain_form():
+    """The int4 GEMV's integer dot product: the PTX instruction (as the ISA defines it) against
+    the plain Triton form's arithmetic, for every byte value in both operands' lanes."""
+    def plain(a, b, c):  # `_dp4a`'s plain form, on Python ints
+        total = c
+        for i in range(4):
+            b_i = ((b << (24 - 8 * i)) & 0xFFFFFFFF)
+            b_i = (b_i - (1 << 32) if b_i >> 31 else b_i) >> 24  # arithmetic shift of an int32
+            total += ((a >> (8 * i)) & 0xFF) * b_i
+        return total
+    words = _words()
+    for a in words:
+        for b in words[::17]:
+            for c in (0, 12345, -(1 << 20)):
+                got = run_ptx(qm._PTX_DP4A, [a, b, c & 0xFFFFFFFF], 1)[0]
+                got = got - (1 << 32) if got >> 31 else got
+                assert got == plain(a, b, c), (hex(a), hex(b), c)
 
 
 def test_bf16_rounding_helper_rounds_to_nearest_even():
@@ -635,6 +657,19 @@ FUSION_CASES["int4-m1-norm+swiglu-split2-prescale"] = ("int4", 1, "norm+swiglu",
 FUSION_CASES["int4-m3-norm+residual-evenK-prescale"] = ("int4", 3, "norm+residual", 32,
                                                          {**_pre, "SPLIT_K": 1}, 128)
 
+# int4's one-row integer GEMV (`_int4_x_kernel` + `_int4_dp4a_kernel`): name -> (group, K,
+# fusion kind, config or None to autotune, x dtype). The small tile (16 words = 128 columns) at
+# K = 96 / 192 / 640 leaves a ragged last tile with whole groups masked; 384 is even.
+DP4A = dict(BLOCK_N=8, BLOCK_W=16, STAGES=2, num_warps=4)
+DP4A_CASES = {}
+for _group, _k in ((32, 96), (64, 192), (128, 384), (128, 640)):
+    for _kind in ("plain", "norm", "swiglu", "residual", "norm+swiglu", "norm+residual"):
+        DP4A_CASES[f"dp4a-g{_group}-k{_k}-{_kind}"] = (_group, _k, _kind, DP4A, "bf16")
+DP4A_CASES["dp4a-g32-k96-fp16"] = (32, 96, "plain", DP4A, "fp16")
+DP4A_CASES["dp4a-g32-k96-fp32-norm"] = (32, 96, "norm", DP4A, "fp32")
+DP4A_CASES["dp4a-g64-k192-tuned-norm+swiglu"] = (64, 192, "norm+swiglu", None, "bf16")
+DP4A_CASES["dp4a-g128-k640-wide"] = (128, 640, "plain", dict(DP4A, BLOCK_W=32, BLOCK_N=16), "bf16")
+
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
 NORM_CASES = {"norm-m1-k96-bf16": (1, 96, "bf16", "bf16"),
@@ -719,10 +754,40 @@ def _interpreter_child():
                 "dtype": str(out.dtype), "shape": list(out.shape),
                 "finite": bool(torch.isfinite(out).all()), "counters": 0}
 
+    def dp4a_case(name, group, k, kind, config, dtype):
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        kind = "" if kind == "plain" else kind
+        x, fusion = make_fusion_inputs(kind, 1, N, k, DTYPES[dtype], gen)
+        x[0, 5] *= 40  # an outlier: its group's scale is set by it
+        q, scale, zero = make_int4(N, k, group, gen)
+        scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        bias = torch.randn(N, generator=gen).to(DTYPES[dtype])
+        packed = qm.pack_scale_zero(scale, zero)
+        if config is None:  # through the dispatcher, as the custom op runs it
+            out = qm._triton_linear(qm.INT4, x, q, scale, zero, group, bias, fusion, packed)
+        else:
+            out = qm._int4_dp4a_gemv(x, q, packed, group, bias, fusion, dict(config))
+        want = fused_oracle("int4", x, (q, scale, zero), group, bias, fusion)
+        return {"rel": rel_err(out, want), "dtype": str(out.dtype), "shape": list(out.shape),
+                "finite": bool(torch.isfinite(out).all()), "counters": 0}
+
+    def packed_op_case(name):
+        """The int4 custom op given the packed scales: one row takes the integer GEMV."""
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        x = torch.randn(1, 64, generator=gen).to(torch.bfloat16)
+        q, scale, zero = make_int4(24, 64, 32, gen)
+        scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        out = torch.ops.tachylm.int4_linear(x, q, scale, zero, 32, None,
+                                            scale_zero=qm.pack_scale_zero(scale, zero))
+        return {"rel": rel_err(out, oracle("int4", x, (q, scale, zero), 32)),
+                "dtype": str(out.dtype), "shape": list(out.shape),
+                "finite": bool(torch.isfinite(out).all()), "counters": 0}
+
     # a case that raises is reported to its parent test, which fails with the message
     results = {}
     for run, cases in ((case, CASES), (fusion_case, FUSION_CASES), (norm_case, NORM_CASES),
-                       (op_case, OP_CASES)):
+                       (op_case, OP_CASES), (dp4a_case, DP4A_CASES),
+                       (packed_op_case, {"op-int4-m1-packed": ()})):
         results.update({name: outcome(run, name, *args) for name, args in cases.items()})
     print(json.dumps(results))
 
@@ -733,10 +798,21 @@ def interpreted():
 
 
 @pytest.mark.parametrize("name", list(CASES) + list(OP_CASES) + list(FUSION_CASES)
-                         + list(NORM_CASES))
+                         + list(NORM_CASES) + list(DP4A_CASES) + ["op-int4-m1-packed"])
 def test_triton_kernel_interpreted(interpreted, name):
     result = interpreted[name]
     assert "error" not in result, result.get("error")
+    if name in DP4A_CASES or name == "op-int4-m1-packed":
+        group, k, kind, config, dtype = DP4A_CASES.get(name, (32, 64, "plain", None, "bf16"))
+        n = N // 2 if "swiglu" in kind else (N if name in DP4A_CASES else 24)
+        assert result["shape"] == [1, n]
+        assert result["dtype"] == str(DTYPES[dtype])
+        assert result["finite"], "an output element was not written or is not finite"
+        # x as 16-bit integers per group adds ~1e-5 (relative to the group's largest value) to
+        # the rounding of the output; SiLU(gate) * up doubles the bound, as above
+        tolerance = max(TOLERANCE[dtype], 2e-4) * (2 if "swiglu" in kind else 1)
+        assert result["rel"] < tolerance, result
+        return
     if name in NORM_CASES:
         m, k, dtype, wdtype = NORM_CASES[name]
         assert result["shape"] == [m, k]
@@ -851,6 +927,41 @@ def _compile_sm90(fn, meta: dict, num_warps: int, num_stages: int, w_type: str =
     return triton.compile(triton.compiler.ASTSource(fn, sig, meta, attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_dp4a_kernels_compile_for_sm90(group):
+    """int4's one-row integer GEMV lowers for an H100 at every autotuned config with every
+    epilogue (its dp4a instructions in the PTX), and so does the kernel that prepares x, with
+    and without the RMSNorm."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    def compile_(fn, types, meta, num_warps, num_stages):
+        sig = {name: types.get(name, "i32") for name in fn.arg_names}
+        sig.update({name: "constexpr" for name in meta})
+        aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("KW", "K", "stride_wn",
+                                                                          "stride_sn", "stride_x")]
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        return triton.compile(triton.compiler.ASTSource(fn, sig, meta, attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+
+    types = {"xw_ptr": "*i32", "xs_ptr": "*fp32", "sx_ptr": "*fp32", "w_ptr": "*i32",
+             "sz_ptr": "*i32", "b_ptr": "*bf16", "r_ptr": "*bf16", "out_ptr": "*bf16"}
+    for bn, bw, nw, st in qm._DP4A_CONFIGS:
+        for swiglu, residual in ((False, False), (True, True)):
+            meta = dict(GROUP=group, HAS_BIAS=True, SWIGLU=swiglu, HAS_RESIDUAL=residual,
+                        FAST=True, PDL=True, BLOCK_N=bn, BLOCK_W=bw, STAGES=st, EVEN_K=True)
+            kernel = compile_(qm._int4_dp4a_kernel, types, meta, nw, st)
+            assert kernel.asm["ptx"].count("dp4a.u32.s32") > 0
+    prep_types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "xw_ptr": "*i32", "xs_ptr": "*fp32",
+                  "sx_ptr": "*fp32", "eps": "fp32"}
+    for norm, block_g in ((True, 4096 // group), (False, 1024 // group)):
+        meta = dict(GROUP=group, BLOCK_G=block_g, NORM=norm, PDL=True)
+        kernel = compile_(qm._int4_x_kernel, prep_types, meta, 8 if norm else 4, 1)
+        assert "st.global" in kernel.asm["ptx"]
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
@@ -1028,6 +1139,51 @@ def test_cuda_int4_every_one_row_config_matches_float64(group):
             errors[str(cfg)] = rel_err(out.cpu(), want)
     assert max(errors.values()) < 8e-3, errors
     assert _counters_sum() == 0
+
+
+@cuda
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("kind", ["", "norm", "swiglu+residual", "norm+swiglu"])
+def test_cuda_int4_dp4a_matches_float64(group, kind):
+    """int4's one-row integer GEMV on the GPU (dp4a), every config and the autotuned launch,
+    with the fusions, at K = 4096 and a ragged K, against float64; and through `int4_linear`
+    with the packed scales, which must pick it for one row and keep the tensor cores for more."""
+    gen = torch.Generator().manual_seed(group)
+    n = 300
+    for k in (4096, 17 * group):
+        x, fusion = make_fusion_inputs(kind, 1, n, k, torch.bfloat16, gen)
+        x[0, 3] *= 60
+        q, scale, zero = make_int4(n, k, group, gen)
+        scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+        want = fused_oracle("int4", x, (q, scale, zero), group, bias, fusion)
+        dev_fusion = qm.Fusion(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in fusion))
+        packed = qm.pack_scale_zero(scale, zero).cuda()
+        errors = {}
+        configs = [dict(BLOCK_N=bn, BLOCK_W=bw, STAGES=st, num_warps=nw)
+                   for bn, bw, nw, st in qm._DP4A_CONFIGS]
+        for config in configs + [None]:  # None: autotuned
+            out = qm._int4_dp4a_gemv(x.cuda(), q.cuda(), packed, group, bias.cuda(), dev_fusion,
+                                     config)
+            errors[str(config)] = rel_err(out.cpu(), want)
+        # one bfloat16 rounding of the output (~1.7e-3); SiLU(gate) * up compounds two
+        assert max(errors.values()) < (8e-3 if fusion.swiglu else 4e-3), (k, errors)
+    norm = None if fusion.norm_weight is None else (fusion.norm_weight.cuda(), fusion.eps)
+    residual = None if fusion.residual is None else fusion.residual.cuda()
+    calls = []
+    real = qm._int4_dp4a_gemv
+    try:
+        qm._int4_dp4a_gemv = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        for rows in (1, 2):
+            xr = x.repeat(rows, 1).cuda()
+            res = None if residual is None else residual.repeat(rows, 1)
+            out = qm.int4_linear(xr, q.cuda(), scale.cuda(), zero.cuda(), group, bias.cuda(),
+                                 norm=norm, swiglu=fusion.swiglu, residual=res,
+                                 scale_zero=packed)
+            assert rel_err(out[:1].cpu(), want) < 8e-3
+    finally:
+        qm._int4_dp4a_gemv = real
+    assert len(calls) == 1  # one row took it, two rows did not
 
 
 @cuda

@@ -177,6 +177,11 @@ _PTX_NIBBLES_SCALED_BF16 = _nibbles_ptx("0x43434343")[:-1] + """    .reg .b32 on
 }"""
 
 
+# Four byte products summed into an int32: unsigned bytes of $1 (int4 codes) times signed bytes of
+# $2 (16-bit x, split into a high and a low byte), plus $3.
+_PTX_DP4A = "dp4a.u32.s32 $0, $1, $2, $3;"
+
+
 # ----------------------------------------------------------------------------------------------
 # Fusions around the product
 # ----------------------------------------------------------------------------------------------
@@ -455,6 +460,7 @@ if HAS_TRITON:
     _ASM_NIBBLES_TO_BF16 = tl.constexpr(_PTX_NIBBLES_TO_BF16)
     _ASM_NIBBLES_TO_F16 = tl.constexpr(_PTX_NIBBLES_TO_F16)
     _ASM_NIBBLES_SCALED_BF16 = tl.constexpr(_PTX_NIBBLES_SCALED_BF16)
+    _ASM_DP4A = tl.constexpr(_PTX_DP4A)
 
     @triton.jit
     def _int8_to_f32(w, FAST: tl.constexpr):
@@ -902,6 +908,143 @@ if HAS_TRITON:
                 BLOCK_N, BLOCK_M)
 
     @triton.jit
+    def _dp4a(a, b, c, FAST: tl.constexpr):
+        """c + the sum over the 4 bytes of int32 a (unsigned) times those of b (signed)."""
+        if FAST:
+            return tl.inline_asm_elementwise(_ASM_DP4A, "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            total = c
+            for i in tl.static_range(4):
+                total += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+            return total
+
+    @triton.jit
+    def _pack_words(v):
+        """[R, 4] int32 (their low bytes) -> [R] int32 words, byte b of word r = v[r, b]."""
+        shift = (tl.arange(0, 4) * 8)[None, :]
+        return tl.sum((v & 0xFF) << shift, axis=1)
+
+    @triton.jit
+    def _int4_x_kernel(x_ptr, g_ptr, xw_ptr, xs_ptr, sx_ptr, K, stride_x, eps,
+                       GROUP: tl.constexpr, BLOCK_G: tl.constexpr, NORM: tl.constexpr,
+                       PDL: tl.constexpr):
+        """x [M, K] -> what `_int4_dp4a_kernel` multiplies: per group of GROUP columns, its scale
+        amax / 32639 and the codes q = round(x / scale) as 16-bit integers split into a high and
+        a low byte (q = 256 * hi + lo, both signed), four int32 planes [4, M, K / 8] (high bytes
+        of even columns, high of odd, low of even, low of odd: word i of a plane pairs with word i
+        of a weight row, whose low nibbles are its even columns), and the sum of the group's q.
+
+        NORM: RMSNorm x first (g_ptr its weight); one program a row then (BLOCK_G covers it).
+        Else grid (M, cdiv(K / GROUP, BLOCK_G)).
+        """
+        WPG: tl.constexpr = GROUP // 8  # weight words (8 codes each) per group
+        row = tl.program_id(0)
+        n_groups = K // GROUP
+        offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        g_ok = offs_g < n_groups
+        k = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = g_ok[:, None] & (k < K)
+        if NORM:
+            w = tl.load(g_ptr + k, mask=mask, other=0.0).to(tl.float32)  # never written: early
+        pdl_start(PDL)
+        pdl_release(PDL)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + k, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        if NORM:
+            # In float32 throughout: the 16-bit codes below hold it more finely than x's dtype
+            # would (as the other GEMV kernels' fused norm, which rounds nothing either).
+            rms = tl.sqrt_rn(tl.sum(tl.sum(xf * xf, axis=1), axis=0) / K + eps)
+            xf = xf / rms * w
+        amax = tl.max(tl.abs(xf), axis=1)
+        scale = tl.where(amax > 0, amax / 32639.0, 1.0)
+        q = tl.floor(xf / scale[:, None] + 0.5)
+        q = tl.minimum(tl.maximum(q, -32639.0), 32639.0).to(tl.int32)
+        hi = (q + 128) >> 8  # in [-128, 127]
+        lo = q - hi * 256  # in [-128, 127]
+        # column 8 * word + 2 * byte + parity
+        hi_even, hi_odd = tl.split(tl.reshape(hi, (BLOCK_G * WPG, 4, 2)))
+        lo_even, lo_odd = tl.split(tl.reshape(lo, (BLOCK_G * WPG, 4, 2)))
+        word = tl.reshape(offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :], (BLOCK_G * WPG,))
+        ok = word < n_groups * WPG
+        words = K // 8
+        base = row.to(tl.int64) * words + word
+        plane = tl.num_programs(0).to(tl.int64) * words
+        tl.store(xw_ptr + base, _pack_words(hi_even), mask=ok)
+        tl.store(xw_ptr + plane + base, _pack_words(hi_odd), mask=ok)
+        tl.store(xw_ptr + 2 * plane + base, _pack_words(lo_even), mask=ok)
+        tl.store(xw_ptr + 3 * plane + base, _pack_words(lo_odd), mask=ok)
+        tl.store(xs_ptr + row * n_groups + offs_g, tl.sum(q, axis=1).to(tl.float32), mask=g_ok)
+        tl.store(sx_ptr + row * n_groups + offs_g, scale, mask=g_ok)
+
+    @triton.jit
+    def _int4_dp4a_kernel(xw_ptr, xs_ptr, sx_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
+                          N, KW, stride_wn, stride_sn,
+                          GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
+                          EVEN_K: tl.constexpr):
+        """out[0, n] = sum_g scale[n, g] * sx[g] * (sum_{k in g} q[n, k] * xq[k] - zero[n, g] *
+        sum_{k in g} xq[k]) for one row of x prepared by `_int4_x_kernel` (KW = K / 8 words).
+
+        Integer products on the CUDA cores: each 32-bit word of a weight row holds 8 codes, its
+        low nibbles the even columns (w & 0x0F0F0F0F) and its high nibbles the odd ones, and one
+        dp4a multiplies four codes by four bytes of x. x's high and low bytes take two each, so
+        8 weights cost 4 dp4a and 3 bit operations, against a conversion of every nibble to a
+        float. Every thread holds several rows of the tile, so the x words it loads serve them
+        all. Per group the integer sum becomes float once. sz_ptr: `pack_scale_zero` [N, K/G].
+        Grid (cdiv(N, BLOCK_N),).
+        """
+        WPG: tl.constexpr = GROUP // 8
+        NGT: tl.constexpr = BLOCK_W // WPG  # groups per tile
+        pdl_start(PDL)
+        pid_n = tl.program_id(0)
+        offs_n, rows = _row_block(pid_n, N, BLOCK_N, SWIGLU)
+        offs_w = tl.arange(0, BLOCK_W)
+        offs_t = tl.arange(0, NGT)
+        rows64 = rows.to(tl.int64)
+        w_ptrs = w_ptr + rows64[:, None] * stride_wn + offs_w[None, :]
+        sz_ptrs = sz_ptr + rows64[:, None] * stride_sn + offs_t[None, :]
+        acc = tl.zeros((BLOCK_N, NGT), tl.float32)
+        for w0 in tl.range(0, KW, BLOCK_W, num_stages=STAGES):
+            g0 = w0 // WPG
+            if EVEN_K:
+                w = tl.load(w_ptrs + w0)
+                x_he = tl.load(xw_ptr + w0 + offs_w)
+                x_ho = tl.load(xw_ptr + KW + w0 + offs_w)
+                x_le = tl.load(xw_ptr + 2 * KW + w0 + offs_w)
+                x_lo = tl.load(xw_ptr + 3 * KW + w0 + offs_w)
+                xs = tl.load(xs_ptr + g0 + offs_t)
+                sx = tl.load(sx_ptr + g0 + offs_t)
+                sz = tl.load(sz_ptrs + g0)
+            else:
+                # Whole groups past K are masked: x's sums and scales 0, so they add nothing.
+                w_ok = (w0 + offs_w) < KW
+                g_ok = (w0 + offs_t * WPG) < KW
+                w = tl.load(w_ptrs + w0, mask=w_ok[None, :], other=0)
+                x_he = tl.load(xw_ptr + w0 + offs_w, mask=w_ok, other=0)
+                x_ho = tl.load(xw_ptr + KW + w0 + offs_w, mask=w_ok, other=0)
+                x_le = tl.load(xw_ptr + 2 * KW + w0 + offs_w, mask=w_ok, other=0)
+                x_lo = tl.load(xw_ptr + 3 * KW + w0 + offs_w, mask=w_ok, other=0)
+                xs = tl.load(xs_ptr + g0 + offs_t, mask=g_ok, other=0.0)
+                sx = tl.load(sx_ptr + g0 + offs_t, mask=g_ok, other=0.0)
+                sz = tl.load(sz_ptrs + g0, mask=g_ok[None, :], other=0)
+            w_even = w & 0x0F0F0F0F
+            w_odd = (w >> 4) & 0x0F0F0F0F
+            none = tl.zeros_like(w)
+            high = _dp4a(w_even, x_he[None, :], _dp4a(w_odd, x_ho[None, :], none, FAST), FAST)
+            low = _dp4a(w_even, x_le[None, :], _dp4a(w_odd, x_lo[None, :], none, FAST), FAST)
+            # |sum| < 2**31 for a group of up to 256 codes (15 * 32639 * 256 * 1.004)
+            dot = tl.sum(tl.reshape(high * 256 + low, (BLOCK_N, NGT, WPG)), axis=2)
+            scale = (sz << 16).to(tl.float32, bitcast=True)
+            zero = (sz & -65536).to(tl.float32, bitcast=True)
+            acc += (dot.to(tl.float32) - zero * xs[None, :]) * (scale * sx[None, :])
+        result = tl.sum(acc, axis=1)
+        pdl_release(PDL)
+        _write_out(result[:, None], offs_n, tl.arange(0, 1), 1, N, pid_n, b_ptr, r_ptr, out_ptr,
+                   N, HAS_BIAS, HAS_RESIDUAL, SWIGLU, BLOCK_N, 1)
+
+    @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
                         SCHEME: tl.constexpr, GROUP: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -1053,6 +1196,10 @@ _DOT_INT4_PRESCALE_CONFIGS = ((16, 128, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3))
 # smaller BLOCK_M serve fewer rows (configs with BLOCK_M > 2 * M are pruned).
 _GEMM_CONFIGS = ((256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
                  (32, 128, 64, 4, 4), (256, 64, 64, 4, 4))
+# (BLOCK_N, BLOCK_W weight words a row, num_warps, STAGES) for `_int4_dp4a_kernel`: the fastest
+# of 36 tiles (BLOCK_N 4/8/16, 128-512 words, 2-3 stages, split-K 1-2) at each Llama-3.1-8B shape
+# and groups 32 and 128 on an H100 (BENCHMARKS.md); split-K never won.
+_DP4A_CONFIGS = ((8, 256, 4, 2), (8, 256, 4, 3), (16, 256, 4, 2), (16, 128, 4, 3), (8, 512, 4, 2))
 _MAX_SPLIT_K = 8
 _SPLIT_TILES_MIN = 2  # never split K into pieces of fewer BLOCK_K tiles than this
 
@@ -1194,6 +1341,16 @@ def _tuned_kernel(scheme: int, kind: str, group: int, one_row: bool = False,
                            **_autotune_kwargs())(with_even_k)
 
 
+@functools.lru_cache(maxsize=None)
+def _tuned_dp4a():
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "STAGES": st}, num_warps=nw,
+                             num_stages=st) for bn, bw, nw, st in _DP4A_CONFIGS]
+    with_even = triton.heuristics({"EVEN_K": lambda a: a["KW"] % a["BLOCK_W"] == 0})(
+        _int4_dp4a_kernel)
+    return triton.autotune(configs=configs, key=["N", "KW", "GROUP", "SWIGLU", "HAS_RESIDUAL"],
+                           **_autotune_kwargs())(with_even)
+
+
 # On by default. On an H100 (decode-8b, one process per run, same machine): bf16 184.6 against
 # 183.0 tokens/s, int8 303.0 against 299.7, int4 347.6 against 347.7 (BENCHMARKS.md, eighth
 # session); earlier pairs gave bf16 180.8 / 179.3 and int8 with its head 315.7 / 311.1. Each kernel
@@ -1309,8 +1466,9 @@ def _pads_m(k_slices: int, num_warps: int) -> bool:
 
 
 def _kernel_kind(scheme: int, m: int) -> str:
-    # int4 always takes the tensor cores: unpacking nibbles straight into 16-bit MMA operands is
-    # cheaper than converting them to float32 for CUDA-core multiply-adds, even for one row.
+    # int4 takes the tensor cores here: unpacking nibbles straight into 16-bit MMA operands is
+    # cheaper than converting them to float32 for CUDA-core multiply-adds, even for one row. (One
+    # row with the packed scales takes integer products instead: `_int4_dp4a_gemv`.)
     return "m1" if m == 1 and scheme != INT4 else "dot"
 
 
@@ -1447,6 +1605,71 @@ def dequantize_triton(scheme: int, qweight: torch.Tensor, scale: torch.Tensor,
     return out
 
 
+def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """int4's bfloat16 scale and zero point [N, K/G] as one int32 [N, K/G], the scale's bits in
+    the low half: what `_int4_dp4a_kernel` reads, one 4-byte load a group (the GPU pipelines
+    loads of 4 bytes or more a thread, not the 2-byte ones of separate tensors)."""
+    if scale.dtype != torch.bfloat16 or zero.dtype != torch.bfloat16 or scale.shape != zero.shape:
+        raise ValueError(f"pack_scale_zero takes a bfloat16 scale and zero point of one shape, got "
+                         f"{scale.dtype} {list(scale.shape)} and {zero.dtype} {list(zero.shape)}")
+    low = scale.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return low | (zero.contiguous().view(torch.int16).to(torch.int32) << 16)
+
+
+DP4A_GROUPS = (32, 64, 128, 256)  # group sizes `_int4_dp4a_kernel` takes (whole words a thread)
+
+
+def _dp4a_applies(x_rows: int, k: int, group: int, scale_zero: Optional[torch.Tensor]) -> bool:
+    """Whether one row of int4 decode takes `_int4_dp4a_kernel` (with the packed scales)."""
+    return (scale_zero is not None and x_rows == 1 and group in DP4A_GROUPS and k % group == 0
+            and k // 8 >= 4)
+
+
+def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, group: int,
+                    bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION,
+                    config: Optional[dict] = None) -> torch.Tensor:
+    """One row x [1, K] -> [1, N] ([1, N / 2] with swiglu) for an int4 weight: `_int4_x_kernel`
+    (with the fusion's RMSNorm) then `_int4_dp4a_kernel` (bias, SwiGLU, residual).
+
+    config: None to autotune; else BLOCK_N, BLOCK_W, STAGES, num_warps of one launch.
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    if qweight.stride(0) % 4 or qweight.storage_offset() % 4:
+        raise ValueError("the int4 GEMV reads weight rows as 32-bit words: qweight's rows must "
+                         "start at multiples of 4 bytes")
+    words, n_groups = k // 8, k // group
+    planes = torch.empty((4, m, words), dtype=torch.int32, device=x.device)
+    sums = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
+    scales = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
+    pdl = pdl_launch(x.device)
+    norm = fusion.norm_weight is not None
+    if norm:  # the RMSNorm needs the whole row: one program
+        block_g = triton.next_power_of_2(n_groups)
+        warps = max(4, min(16, block_g * group // 512))
+    else:
+        block_g = max(1, 1024 // group)
+        warps = 4
+    _int4_x_kernel[(m, triton.cdiv(n_groups, block_g))](
+        x, fusion.norm_weight if norm else x, planes, sums, scales, k, x.stride(0), fusion.eps,
+        GROUP=group, BLOCK_G=block_g, NORM=norm, num_warps=warps, **pdl)
+    out = torch.empty((m, _out_features(n, fusion.swiglu)), dtype=x.dtype, device=x.device)
+    args = (planes, sums, scales, qweight.view(torch.int32), scale_zero,
+            out if bias is None else bias, out if fusion.residual is None else fusion.residual,
+            out, n, words, qweight.stride(0) // 4, scale_zero.stride(0))
+    common = dict(GROUP=group, HAS_BIAS=bias is not None, SWIGLU=fusion.swiglu,
+                  HAS_RESIDUAL=fusion.residual is not None, FAST=x.is_cuda, **pdl)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    if config is None:
+        _tuned_dp4a()[grid](*args, **common)
+    else:
+        meta = dict(config)
+        num_warps = meta.pop("num_warps", 4)
+        _int4_dp4a_kernel[grid](*args, **common, **meta, EVEN_K=words % meta["BLOCK_W"] == 0,
+                                num_warps=num_warps, num_stages=meta["STAGES"])
+    return out
+
+
 _NORM_MAX_K = 16384  # one program holds a row of x in registers
 
 
@@ -1473,10 +1696,12 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                    scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], group: int,
-                   bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION) -> torch.Tensor:
+                   bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION,
+                   scale_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [M, K] -> [M, N]: GEMV kernels for few rows, (dequantize +) cuBLAS beyond GEMV_MAX_M.
 
-    The fusion runs inside the GEMV kernels, and as PyTorch ops around cuBLAS.
+    The fusion runs inside the GEMV kernels, and as PyTorch ops around cuBLAS. int4 with
+    `scale_zero` (`pack_scale_zero`) takes the integer GEMV for one row.
     """
     # Row views (a tensor-parallel shard along N) are read in place; anything else would need a
     # copy of the weight on every call, so it is refused instead.
@@ -1493,6 +1718,11 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
         return x.new_empty((0, qweight.shape[0]))
     # Triton launches on the current device; CPU tensors mean the interpreter.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if scheme == INT4 and _dp4a_applies(m, x.shape[1], group, scale_zero):
+            fusion = fusion._replace(
+                norm_weight=None if fusion.norm_weight is None else fusion.norm_weight.contiguous(),
+                residual=None if fusion.residual is None else fusion.residual.contiguous())
+            return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion)
         if _gemv_applies(scheme, m, x.dtype):
             fusion = fusion._replace(
                 norm_weight=None if fusion.norm_weight is None else fusion.norm_weight.contiguous(),
@@ -1554,19 +1784,20 @@ _fp8_linear_op = _rowwise_op("fp8_linear", FP8)
 
 
 def _int4_linear_impl(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0,
-                      swiglu=False, residual=None):
+                      swiglu=False, residual=None, scale_zero=None):
     return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias,
-                          Fusion(norm_weight, eps, swiglu, residual))
+                          Fusion(norm_weight, eps, swiglu, residual), scale_zero)
 
 
 _int4_linear_op = _custom_op("int4_linear", f"(Tensor x, Tensor qweight, Tensor scale, "
                                             f"Tensor zero, int group_size, Tensor? bias, "
-                                            f"{_FUSION_SCHEMA}) -> Tensor", _int4_linear_impl)
+                                            f"{_FUSION_SCHEMA}, Tensor? scale_zero=None) -> Tensor",
+                             _int4_linear_impl)
 
 
 @_int4_linear_op.register_fake
 def _(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0, swiglu=False,
-      residual=None):
+      residual=None, scale_zero=None):
     return _fake_output(x, qweight, swiglu)
 
 
@@ -1610,17 +1841,19 @@ def _linear_input(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
 
 
 def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
-             fusion: Fusion) -> torch.Tensor:
-    """op(x as [M, K], *operands, *fusion) reshaped to [..., n] ([..., n / 2] with swiglu).
+             fusion: Fusion, extra: tuple = (), norm_inside: bool = False) -> torch.Tensor:
+    """op(x as [M, K], *operands, *fusion, *extra) reshaped to [..., n] ([..., n / 2] with
+    swiglu).
 
     Where a GEMV kernel will run, the fusion goes into the op (the kernel does it); elsewhere it
     runs as PyTorch ops around the op, where torch.compile can fuse them with their neighbours.
+    norm_inside: the op's kernels take the RMSNorm whatever their kind (int4's integer GEMV).
     """
     m = math.prod(x.shape[:-1])
-    if _is_fused(fusion) and not _gemv_applies(scheme, m, x.dtype):
-        return fused_linear_ref(lambda t: _call_op(scheme, op, t, n, operands, NO_FUSION), x,
-                                fusion)
-    if _kernel_kind(scheme, m) == "dot" and fusion.norm_weight is not None:
+    if _is_fused(fusion) and not (norm_inside or _gemv_applies(scheme, m, x.dtype)):
+        return fused_linear_ref(
+            lambda t: _call_op(scheme, op, t, n, operands, NO_FUSION, extra), x, fusion)
+    if _kernel_kind(scheme, m) == "dot" and fusion.norm_weight is not None and not norm_inside:
         # The tensor-core kernel takes SwiGLU and the residual but not the RMSNorm: computing it
         # between its x loads and the MMA cost int4 decode 7% on an H100 when it was first tried,
         # and 3% with the current kernels (339.9 against 350.1-351.5 tokens/s, BENCHMARKS.md).
@@ -1632,7 +1865,7 @@ def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
     residual = None if fusion.residual is None else fusion.residual.reshape(-1, n_out)
     call = op if torch.compiler.is_compiling() else _EAGER_IMPLS[op]
     out = call(x.reshape(-1, x.shape[-1]), *operands, fusion.norm_weight, fusion.eps,
-               fusion.swiglu, residual)
+               fusion.swiglu, residual, *extra)
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -1679,18 +1912,28 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 group_size: int, bias: Optional[torch.Tensor] = None, *,
                 norm: Optional[tuple] = None, swiglu: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None,
+                scale_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`int8_linear` for group-wise int4: w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
 
     Dispatch and fusion as `int8_linear`; the other arguments and result as `int4_linear_ref`.
+    scale_zero: `pack_scale_zero(scale, zero)`, which lets one row of x (decode) take the
+    integer GEMV (`_int4_dp4a_kernel`; groups of DP4A_GROUPS) on CUDA.
     """
     fusion = make_fusion(norm, swiglu, residual)
     _check_int4(x, qweight, scale, zero, group_size, bias, fusion)
+    if scale_zero is not None and (scale_zero.shape != scale.shape
+                                   or scale_zero.dtype != torch.int32):
+        raise ValueError(f"scale_zero must be pack_scale_zero(scale, zero): int32 "
+                         f"{list(scale.shape)}, got {scale_zero.dtype} {list(scale_zero.shape)}")
     if not _use_triton(x):
         return fused_linear_ref(
             lambda t: int4_linear_ref(t, qweight, scale, zero, group_size, bias), x, fusion)
+    m = math.prod(x.shape[:-1])
+    norm_inside = _dp4a_applies(m, x.shape[-1], group_size, scale_zero)
     return _call_op(INT4, _int4_linear_op, x, qweight.shape[0],
-                    (qweight, scale, zero, group_size, bias), fusion)
+                    (qweight, scale, zero, group_size, bias), fusion,
+                    (scale_zero,) if scale_zero is not None else (), norm_inside)
 
 
 def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -442,6 +442,12 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 unpack_int4 = kernels.unpack_int4  # uint8 [N, K/2] -> codes [N, K], the inverse of `pack_int4`
 
 
+def _repack_scale_zero(module: "Int4Linear", incompatible_keys) -> None:
+    """After a state dict is loaded (copied in or assigned): the packed pair from the new
+    scale and zero point."""
+    module.scale_zero = kernels.pack_scale_zero(module.scale, module.zero)
+
+
 class Int4Linear(QuantizedLinear):
     """4-bit weights, asymmetric, one bfloat16 scale and zero point per group of `group_size`
     consecutive input columns of each output row (any float scale and zero given are stored as
@@ -459,6 +465,11 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", qweight)  # [N, K/2] uint8
         self.register_buffer("scale", scale.to(INT4_PARAM_DTYPE))  # [N, K/G]
         self.register_buffer("zero", zero.to(INT4_PARAM_DTYPE))  # [N, K/G]
+        # Derived, not saved: scale and zero point packed for the one-row GEMV
+        # (`kernels.pack_scale_zero`), rebuilt whenever a state dict is loaded.
+        self.register_buffer("scale_zero", kernels.pack_scale_zero(self.scale, self.zero),
+                             persistent=False)
+        self.register_load_state_dict_post_hook(_repack_scale_zero)
 
     @classmethod
     def from_float(cls, weight, bias=None, group_size=128):
@@ -482,7 +493,7 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias,
-                                   **fusion)
+                                   scale_zero=self.scale_zero, **fusion)
 
     def dequantize(self, rows=slice(None)):
         return kernels.dequantize_int4(self.qweight[rows], self.scale[rows], self.zero[rows],
