@@ -44,6 +44,7 @@ if HAS_TRITON:
 
 _CHUNK = 1024  # logits a program takes (126 programs a row for a 128256-token vocabulary)
 _BINS = 256  # one byte of a 16-bit key
+_ROW_SLOTS = 2 * _BINS + 1  # a row's counts: high bytes' histogram, low bytes', arrivals
 SAMPLE_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -103,6 +104,14 @@ if HAS_TRITON:
         kth = tl.max(tl.where(at_or_above >= k, bins, -1), 0)
         return kth, tl.sum(tl.where(bins == kth, at_or_above - hist, 0), 0)
 
+    _SLOTS = tl.constexpr(_ROW_SLOTS)
+
+    @triton.jit
+    def _row_counts(counts_ptr, row):
+        """A row's counts in the histograms buffer (`histograms`): the high bytes' histogram,
+        then the low bytes' (_BINS each), then the row's arrivals."""
+        return counts_ptr + row * _SLOTS
+
     @triton.jit
     def _chunk(bits_ptr, row, stride, V, CHUNK: tl.constexpr):
         """This program's logits (as int16 bits; 0 past V), their ids and the mask of real ones.
@@ -125,7 +134,7 @@ if HAS_TRITON:
         pdl_release(PDL)
         hist = tl.histogram(_keys(bits) >> 8, BINS, mask=mask)
         bins = tl.arange(0, BINS)
-        tl.atomic_add(counts_ptr + row * (2 * BINS + 1) + bins, hist, mask=hist > 0,
+        tl.atomic_add(_row_counts(counts_ptr, row) + bins, hist, mask=hist > 0,
                       sem="relaxed")
 
     @triton.jit
@@ -135,7 +144,7 @@ if HAS_TRITON:
         bits, _, mask = _chunk(bits_ptr, row, stride, V, CHUNK)
         pdl_start(PDL)
         pdl_release(PDL)
-        counts_ptr += row * (2 * BINS + 1)
+        counts_ptr = _row_counts(counts_ptr, row)
         high, _ = _kth_bin(counts_ptr, k, BINS)
         keys = _keys(bits)
         hist = tl.histogram(keys & 0xFF, BINS, mask=mask & ((keys >> 8) == high))
@@ -148,11 +157,11 @@ if HAS_TRITON:
                      NCHUNK_P2: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
                      DTYPE: tl.constexpr, FEED: tl.constexpr, PDL: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
-        rows_done_ptr = counts_ptr + ROWS * (2 * BINS + 1)  # rows finished (the last slot)
+        rows_done_ptr = _row_counts(counts_ptr, ROWS)  # rows finished (the last slot)
         bits, offs, mask = _chunk(bits_ptr, row, stride, V, CHUNK)
         pdl_start(PDL)
         pdl_release(PDL)
-        counts_ptr += row * (2 * BINS + 1)
+        counts_ptr = _row_counts(counts_ptr, row)
         high, above = _kth_bin(counts_ptr, k, BINS)
         low, _ = _kth_bin(counts_ptr + BINS, k - above, BINS)
         chosen = mask & (_keys(bits) >= high * BINS + low)  # the k-th largest key and above
@@ -189,7 +198,7 @@ if HAS_TRITON:
             # been performed): zero them and the arrivals for the next call.
             zeros = tl.arange(0, 4 * BINS)
             tl.store(counts_ptr + zeros, tl.zeros((4 * BINS,), tl.int32),
-                     mask=zeros < 2 * BINS + 1)
+                     mask=zeros < _SLOTS)
             # The last row to finish advances the seed: every program of the call has read it
             # (before it arrived), so the next call draws with the next one.
             if ROWS == 1:
@@ -225,7 +234,7 @@ def histograms(device: torch.device, batch: int) -> torch.Tensor:
     """The kernels' counts for `batch` rows: per row the high bytes' histogram, the low bytes'
     (of the k-th key's high byte) and the row's arrivals; then the rows finished. Every call
     leaves them at zero."""
-    return persistent_zeros("top-k histograms", device, batch * (2 * _BINS + 1) + 1)
+    return persistent_zeros("top-k histograms", device, batch * _ROW_SLOTS + 1)
 
 
 def _seed_state(device: torch.device) -> torch.Tensor:
