@@ -908,3 +908,27 @@ def test_gptq_calibrates_on_what_the_layer_multiplies():
     hessian = gptq.input_hessian(layer, run, 16, torch.device("cpu"))
     normed = g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert torch.allclose(hessian, 2 * normed.T @ normed / 5, rtol=1e-5, atol=1e-6)
+
+
+def test_int4_packed_scales_follow_every_load():
+    """Int4Linear's packed scale and zero point (what the one-row GPU kernel reads) is derived:
+    never saved, and rebuilt whenever a state dict is loaded, assigned or copied in, so it can
+    never disagree with the scale and zero point it came from."""
+    from tachylm.kernels import quant_matmul as qm
+    torch.manual_seed(0)
+    module = Int4Linear.from_float(torch.randn(24, 64), group_size=32)
+    assert "scale_zero" not in module.state_dict()
+    assert torch.equal(module.scale_zero, qm.pack_scale_zero(module.scale, module.zero))
+    # assign-loading into an empty (meta) module, as build does
+    empty = Int4Linear.empty(64, 24, False, device="meta", group_size=32)
+    empty.load_state_dict(module.state_dict(), assign=True)
+    assert torch.equal(empty.scale_zero, qm.pack_scale_zero(module.scale, module.zero))
+    # copying other values into an existing module
+    other = Int4Linear.from_float(torch.randn(24, 64), group_size=32)
+    empty.load_state_dict(other.state_dict())
+    assert torch.equal(empty.scale_zero, qm.pack_scale_zero(other.scale, other.zero))
+    assert not torch.equal(empty.scale_zero, module.scale_zero)
+    # the low half holds the scale's bits, the high half the zero point's
+    assert torch.equal((empty.scale_zero & 0xFFFF).to(torch.int16).view(torch.bfloat16),
+                       other.scale)
+    assert torch.equal((empty.scale_zero >> 16).to(torch.int16).view(torch.bfloat16), other.zero)
