@@ -1718,15 +1718,13 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
         return x.new_empty((0, qweight.shape[0]))
     # Triton launches on the current device; CPU tensors mean the interpreter.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        if scheme == INT4 and _dp4a_applies(m, x.shape[1], group, scale_zero):
+        dp4a = scheme == INT4 and _dp4a_applies(m, x.shape[1], group, scale_zero)
+        if dp4a or _gemv_applies(scheme, m, x.dtype):  # the kernels read the fusion's tensors
             fusion = fusion._replace(
                 norm_weight=None if fusion.norm_weight is None else fusion.norm_weight.contiguous(),
                 residual=None if fusion.residual is None else fusion.residual.contiguous())
-            return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion)
-        if _gemv_applies(scheme, m, x.dtype):
-            fusion = fusion._replace(
-                norm_weight=None if fusion.norm_weight is None else fusion.norm_weight.contiguous(),
-                residual=None if fusion.residual is None else fusion.residual.contiguous())
+            if dp4a:
+                return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion)
             return _gemv(scheme, x, qweight, scale, zero, group, bias, fusion=fusion)
         if scheme == DENSE:
             return fused_linear_ref(lambda t: F.linear(t, qweight, bias), x, fusion)
