@@ -188,6 +188,12 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: qm.int4_linear(x, q4, s4, z4[:, :1], 32), "zero has shape"),
         (lambda: qm.int4_linear(torch.randn(2, 96), torch.zeros(8, 48, dtype=torch.uint8),
                                 s4[:, :1], z4[:, :1], 64), "not a multiple of group_size"),
+        # int4's packed scales: of the pair they came from, in the pair's bfloat16
+        (lambda: qm.int4_linear(x, q4, s4, z4, 32, scale_zero=torch.zeros(8, 1, dtype=torch.int32)),
+         "scale_zero must be pack_scale_zero"),
+        (lambda: qm.int4_linear(x, q4, s4, z4, 32, scale_zero=s4), "scale_zero must be"),
+        (lambda: qm.pack_scale_zero(s4, z4), "bfloat16 scale and zero point"),
+        (lambda: qm.pack_scale_zero(s4.bfloat16(), z4[:, :1].bfloat16()), "of one shape"),
     ]
     # The CUDA path refuses layouts it could only serve by copying the weight on every call.
     cases += [
@@ -195,6 +201,10 @@ def test_bad_inputs_raise_clear_errors():
          "qweight must be contiguous"),
         (lambda: qm._triton_linear(qm.INT4, x, q4, s4, torch.cat([z4, z4], 1)[:, :2], 32, None),
          "share one layout"),
+        # the integer GEMV reads weight rows as 32-bit words (a view starting mid-word)
+        (lambda: qm._int4_dp4a_gemv(x[:1], torch.zeros(260, dtype=torch.uint8)[1:257].view(8, 32),
+                                    None, 32, None),
+         "multiples of 4 bytes"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
