@@ -845,6 +845,34 @@ def test_cli_errors(smollm_path, tmp_path):
                     "--no-eval"])
 
 
+@pytest.mark.parametrize("content", [None, " \n"])
+def test_cli_eval_checks_the_text_before_loading_a_model(tmp_path, monkeypatch, content):
+    import tachylm.cli_quant as cli_quant
+
+    text = tmp_path / "eval.txt"
+    if content is not None:
+        text.write_text(content)
+    loads = []
+    monkeypatch.setattr(cli_quant, "_eval_model", lambda *a, **kw: loads.append(a))
+    with pytest.raises(ValueError, match="does not exist" if content is None else "is empty"):
+        _quant_cli(["eval", "perplexity", "smollm2-135m-instruct", "--text", str(text),
+                    "--device", "cpu"])
+    assert loads == []
+
+
+def test_cli_quantize_checks_an_empty_eval_text_before_loading(tmp_path, monkeypatch):
+    import tachylm.cli_quant as cli_quant
+
+    text = tmp_path / "eval.txt"
+    text.write_text("\n")
+    loads = []
+    monkeypatch.setattr(cli_quant, "resolve_model", lambda *a, **kw: loads.append(a))
+    with pytest.raises(ValueError, match="is empty"):
+        _quant_cli(["quantize", "smollm2-135m-instruct", "--mode", "int8", "--eval-text", str(text),
+                    "-o", str(tmp_path / "out"), "--device", "cpu"])
+    assert loads == []
+
+
 @pytest.mark.slow
 def test_cli_compare_refuses_models_that_tokenize_differently(smollm_path, tmp_path, monkeypatch):
     import tachylm.cli_quant as cli_quant

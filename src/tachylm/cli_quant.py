@@ -86,6 +86,8 @@ def cmd_quantize(args) -> int:
     eval_text = None if args.no_eval else str(args.eval_text or DEFAULT_EVAL_TEXT)
     if eval_text is not None and not os.path.isfile(eval_text):
         raise ValueError(f"evaluation text {eval_text!r} not found; pass --eval-text FILE or --no-eval")
+    if eval_text is not None:
+        _read_text(eval_text, "evaluation text")  # an empty one fails before the model loads
     if eval_text is not None and args.calib is not None and (
             os.path.samefile(eval_text, args.calib)
             or _read_text(eval_text, "evaluation text") == _read_text(args.calib, "calibration text")):
@@ -157,6 +159,7 @@ def _eval_model(ref: str, quant: str | None, args, device: torch.device,
 
 def cmd_eval_perplexity(args) -> int:
     device, dtype = _device_and_dtype(args)
+    _read_text(args.text, "evaluation text")  # a wrong path fails before a model is loaded
     model, path = _eval_model(args.model, args.quant, args, device, dtype)
     ids = _eval_tokens(load_tokenizer(path), args.text)
     nlls = _token_nlls(model, ids, args, args.quant or "model")
