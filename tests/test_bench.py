@@ -168,5 +168,17 @@ def test_plot(tmp_path, monkeypatch):
         cli_bench.main(["bench", *QUICK, "--no-compile", "--plot", str(out)])
 
 
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_output_paths_are_checked_before_the_runs(tmp_path, monkeypatch, flag):
+    runs = []
+    monkeypatch.setattr(cli_bench, "_import_pyplot_figure", lambda: None)
+    monkeypatch.setattr(bench, "iter_bench", lambda *a, **kw: runs.append(a) or iter(()))
+    with pytest.raises(ValueError, match="folder .* does not exist"):
+        cli_bench.main(["bench", *QUICK, flag, str(tmp_path / "missing" / "out")])
+    with pytest.raises(ValueError, match="is a folder"):
+        cli_bench.main(["bench", *QUICK, flag, str(tmp_path)])
+    assert runs == []
+
+
 def test_copy_bandwidth_is_positive():
     assert bench.measure_copy_bandwidth(torch.device("cpu"), 1 << 20, repeats=2) > 0

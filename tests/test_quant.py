@@ -647,6 +647,39 @@ def test_quantization_json_that_is_not_json_is_a_checkpoint_error(saved):
         build_quantized_model(saved)
 
 
+def test_save_refuses_a_file_or_a_folder_of_other_files(tmp_path):
+    model = _tiny_model()
+    quantize_model(model, "int8", 32)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"the source checkpoint")
+    with pytest.raises(ValueError, match="already holds files and is not a quantized checkpoint"):
+        save_quantized(model, source, mode="int8")
+    assert (source / "model.safetensors").read_bytes() == b"the source checkpoint"
+    assert sorted(os.listdir(source)) == ["model.safetensors"]
+    with pytest.raises(ValueError, match="is a file"):
+        save_quantized(model, source / "model.safetensors", mode="int8")
+    # an earlier quantized output is written over (a rerun); no temporary file stays behind
+    out = tmp_path / "out"
+    save_quantized(model, out, mode="int8")
+    quantize_model(other := _tiny_model(), "int4", 32)
+    save_quantized(other, out, mode="int4")
+    assert sorted(os.listdir(out)) == ["model.safetensors", "quantization.json"]
+    assert json.loads((out / "quantization.json").read_text())["mode"] == "int4"
+
+
+def test_cli_quantize_checks_the_output_before_loading(tmp_path, monkeypatch):
+    import tachylm.cli_quant as cli_quant
+
+    (tmp_path / "config.json").write_text("{}")
+    loads = []
+    monkeypatch.setattr(cli_quant, "resolve_model", lambda *a, **kw: loads.append(a))
+    with pytest.raises(ValueError, match="already holds files"):
+        _quant_cli(["quantize", "smollm2-135m-instruct", "--mode", "int8", "--no-eval",
+                    "-o", str(tmp_path), "--device", "cpu"])
+    assert loads == [] and os.listdir(tmp_path) == ["config.json"]
+
+
 def test_save_refuses_a_float_model(tmp_path):
     with pytest.raises(ValueError, match="no quantized modules"):
         save_quantized(_tiny_model(), tmp_path, mode="int8")

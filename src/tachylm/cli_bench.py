@@ -94,6 +94,8 @@ def cmd_bench(args) -> int:
     """Run the benchmark described by parsed `args`; print a table, write --json and --plot."""
     if args.plot is not None:
         _import_pyplot_figure()  # fail before a long run, not after it
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        _check_output_folder(flag, path)
     if args.compile_cache is not None:
         os.makedirs(args.compile_cache, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(args.compile_cache)
@@ -159,6 +161,18 @@ def _row(r: dict | None) -> str:
                  "-" if base is None else f"{base['ratio']:.2f}x"]
     return " ".join(cell.rjust(width) if i else cell.ljust(width)
                     for i, (cell, (_, width)) in enumerate(zip(cells, _COLUMNS)))
+
+
+def _check_output_folder(flag: str, path: str | None) -> None:
+    """Refuse an output file whose folder does not exist before the runs, not after them."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or write "
+                         "somewhere else")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
 
 
 def _import_pyplot_figure():

@@ -23,7 +23,7 @@ from tachylm.model import Transformer
 from tachylm.quant import (GPTQ_MODES, INT4_GROUP_SIZES, MODES, apply_quant_option, check_quantizable,
                            quantize_model)
 from tachylm.quant.gptq import calibration_windows
-from tachylm.quant.io import is_quantized_folder, read_quantized_config, save_quantized
+from tachylm.quant.io import check_output_folder, is_quantized_folder, read_quantized_config, save_quantized
 from tachylm.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_ENV = "TACHYLM_CACHE"
@@ -83,6 +83,7 @@ def cmd_quantize(args) -> int:
                          "evaluation text) to calibrate on; the repository ships data/calib.txt")
     if not gptq and args.calib is not None:
         raise ValueError(f"--calib applies to --mode {' or '.join(GPTQ_MODES)} only, not {args.mode}")
+    check_output_folder(args.output)  # before the slow parts, not after them
     eval_text = None if args.no_eval else str(args.eval_text or DEFAULT_EVAL_TEXT)
     if eval_text is not None and not os.path.isfile(eval_text):
         raise ValueError(f"evaluation text {eval_text!r} not found; pass --eval-text FILE or --no-eval")

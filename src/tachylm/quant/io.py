@@ -52,6 +52,36 @@ def is_quantized_folder(path: str | os.PathLike[str]) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANT_FILE))
 
 
+def check_output_folder(folder: str | os.PathLike[str]) -> None:
+    """Refuse a place `save_quantized` must not write to (ValueError): a file, or a folder that
+    holds files and is not a quantized checkpoint (a source checkpoint's own model.safetensors
+    would be overwritten). A new or empty folder, or an earlier quantized output, is fine."""
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file; the output is a folder: give a new or empty folder")
+    if os.path.isdir(folder) and os.listdir(folder) and not is_quantized_folder(folder):
+        raise ValueError(f"{folder} already holds files and is not a quantized checkpoint; write to a "
+                         "new or empty folder (nothing in it was changed)")
+
+
+def _write_replacing(path: str, write) -> None:
+    """write(tmp_path), then move it over `path`: an interrupted save leaves no half-written file
+    under the real name."""
+    tmp = f"{path}.partial"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(meta: dict[str, Any], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+
+
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> JSON-able dict (inverse: `config_from_dict`)."""
     return dataclasses.asdict(config)
@@ -91,7 +121,8 @@ def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: 
             Quantized tensors and their scales keep their own dtypes.
         extra: more JSON-able facts to record under "provenance" (source, calibration used).
     Raises:
-        ValueError: the model has no quantized modules.
+        ValueError: the model has no quantized modules, or `folder` is refused by
+            `check_output_folder` (a file, or a folder of other files).
     """
     specs = module_specs(model)
     if not specs:
@@ -119,11 +150,13 @@ def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: 
         "modules": specs,
         "provenance": extra or {},
     }
+    check_output_folder(folder)
     os.makedirs(folder, exist_ok=True)
-    save_file(state, os.path.join(folder, WEIGHTS_FILE), metadata={"format": FORMAT})
-    with open(os.path.join(folder, QUANT_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
+    # The weights first, the description last: a folder counts as quantized once its
+    # quantization.json is there.
+    _write_replacing(os.path.join(folder, WEIGHTS_FILE),
+                     lambda path: save_file(state, path, metadata={"format": FORMAT}))
+    _write_replacing(os.path.join(folder, QUANT_FILE), lambda path: _write_json(meta, path))
     if tokenizer_source is not None:
         write_tokenizer(tokenizer_source, folder)
 
