@@ -127,6 +127,7 @@ def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: 
     specs = module_specs(model)
     if not specs:
         raise ValueError("the model holds no quantized modules; run quantize_model first")
+    check_output_folder(folder)
     config = model.config
     exact = _exact_dtype_names(model)
     state = {}
@@ -150,7 +151,6 @@ def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: 
         "modules": specs,
         "provenance": extra or {},
     }
-    check_output_folder(folder)
     os.makedirs(folder, exist_ok=True)
     # The weights first, the description last: a folder counts as quantized once its
     # quantization.json is there.
