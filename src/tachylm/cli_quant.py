@@ -87,11 +87,11 @@ def cmd_quantize(args) -> int:
     eval_text = None if args.no_eval else str(args.eval_text or DEFAULT_EVAL_TEXT)
     if eval_text is not None and not os.path.isfile(eval_text):
         raise ValueError(f"evaluation text {eval_text!r} not found; pass --eval-text FILE or --no-eval")
-    if eval_text is not None:
-        _read_text(eval_text, "evaluation text")  # an empty one fails before the model loads
-    if eval_text is not None and args.calib is not None and (
+    # Read now, so an empty one fails before the model loads.
+    eval_source = None if eval_text is None else _read_text(eval_text, "evaluation text")
+    if eval_source is not None and args.calib is not None and (
             os.path.samefile(eval_text, args.calib)
-            or _read_text(eval_text, "evaluation text") == _read_text(args.calib, "calibration text")):
+            or eval_source == _read_text(args.calib, "calibration text")):
         raise ValueError("the calibration text and the evaluation text are the same; calibrating on the "
                          "text you measure on overstates the quality: pass a different --calib")
     device, dtype = _device_and_dtype(args)
