@@ -679,6 +679,10 @@ DP4A_CASES["dp4a-g32-k96-fp16"] = (32, 96, "plain", DP4A, "fp16")
 DP4A_CASES["dp4a-g32-k96-fp32-norm"] = (32, 96, "norm", DP4A, "fp32")
 DP4A_CASES["dp4a-g64-k192-tuned-norm+swiglu"] = (64, 192, "norm+swiglu", None, "bf16")
 DP4A_CASES["dp4a-g128-k640-wide"] = (128, 640, "plain", dict(DP4A, BLOCK_W=32, BLOCK_N=16), "bf16")
+# x's preparation in programs of 1024 columns: with the RMSNorm, the GEMV's 1 / rms comes from
+# the sums of squares of three programs (the last ragged).
+DP4A_CASES["dp4a-g32-k2080-norm+residual"] = (32, 2080, "norm+residual", DP4A, "bf16")
+DP4A_CASES["dp4a-g128-k2304-norm+swiglu"] = (128, 2304, "norm+swiglu", DP4A, "bf16")
 
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
@@ -958,19 +962,21 @@ def test_int4_dp4a_kernels_compile_for_sm90(group):
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
 
-    types = {"xw_ptr": "*i32", "xs_ptr": "*fp32", "sx_ptr": "*fp32", "w_ptr": "*i32",
-             "sz_ptr": "*i32", "b_ptr": "*bf16", "r_ptr": "*bf16", "out_ptr": "*bf16"}
+    types = {"xw_ptr": "*i32", "xs_ptr": "*fp32", "sx_ptr": "*fp32", "ss_ptr": "*fp32",
+             "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*bf16", "r_ptr": "*bf16",
+             "out_ptr": "*bf16", "eps": "fp32"}
     for bn, bw, nw, st in qm._DP4A_CONFIGS:
-        for swiglu, residual in ((False, False), (True, True)):
-            meta = dict(GROUP=group, HAS_BIAS=True, SWIGLU=swiglu, HAS_RESIDUAL=residual,
-                        FAST=True, PDL=True, BLOCK_N=bn, BLOCK_W=bw, STAGES=st, EVEN_K=True)
+        for norm, swiglu, residual in ((False, False, False), (True, True, True)):
+            meta = dict(GROUP=group, NORM=norm, HAS_BIAS=True, SWIGLU=swiglu,
+                        HAS_RESIDUAL=residual, FAST=True, PDL=True, BLOCK_N=bn, BLOCK_W=bw,
+                        STAGES=st, EVEN_K=True, GROUPS_P2=4096 // group)
             kernel = compile_(qm._int4_dp4a_kernel, types, meta, nw, st)
             assert kernel.asm["ptx"].count("dp4a.u32.s32") > 0
     prep_types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "xw_ptr": "*i32", "xs_ptr": "*fp32",
-                  "sx_ptr": "*fp32", "eps": "fp32"}
-    for norm, block_g in ((True, 4096 // group), (False, 1024 // group)):
-        meta = dict(GROUP=group, BLOCK_G=block_g, NORM=norm, PDL=True)
-        kernel = compile_(qm._int4_x_kernel, prep_types, meta, 8 if norm else 4, 1)
+                  "sx_ptr": "*fp32", "ss_ptr": "*fp32"}
+    for norm in (True, False):
+        meta = dict(GROUP=group, BLOCK_G=1024 // group, NORM=norm, PDL=True)
+        kernel = compile_(qm._int4_x_kernel, prep_types, meta, 4, 1)
         assert "st.global" in kernel.asm["ptx"]
 
 

@@ -926,7 +926,7 @@ if HAS_TRITON:
         return tl.sum((v & 0xFF) << shift, axis=1)
 
     @triton.jit
-    def _int4_x_kernel(x_ptr, g_ptr, xw_ptr, xs_ptr, sx_ptr, K, stride_x, eps,
+    def _int4_x_kernel(x_ptr, g_ptr, xw_ptr, xs_ptr, sx_ptr, ss_ptr, K, stride_x,
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, NORM: tl.constexpr,
                        PDL: tl.constexpr):
         """x [M, K] -> what `_int4_dp4a_kernel` multiplies: per group of GROUP columns, its scale
@@ -935,8 +935,10 @@ if HAS_TRITON:
         of even columns, high of odd, low of even, low of odd: word i of a plane pairs with word i
         of a weight row, whose low nibbles are its even columns), and the sum of the group's q.
 
-        NORM: RMSNorm x first (g_ptr its weight); one program a row then (BLOCK_G covers it).
-        Else grid (M, cdiv(K / GROUP, BLOCK_G)).
+        NORM: the codes are of x * g (g_ptr the RMSNorm's weight), and ss_ptr [M, K / GROUP]
+        gets each group's sum of x^2. The norm's 1 / rms scales every code of a row alike, so it
+        cancels out of the codes and the GEMV applies it to its result (from those sums): no
+        program needs the whole row. Grid (M, cdiv(K / GROUP, BLOCK_G)).
         """
         WPG: tl.constexpr = GROUP // 8  # weight words (8 codes each) per group
         row = tl.program_id(0)
@@ -954,8 +956,8 @@ if HAS_TRITON:
         if NORM:
             # In float32 throughout: the 16-bit codes below hold it more finely than x's dtype
             # would (as the other GEMV kernels' fused norm, which rounds nothing either).
-            rms = tl.sqrt_rn(tl.sum(tl.sum(xf * xf, axis=1), axis=0) / K + eps)
-            xf = xf / rms * w
+            tl.store(ss_ptr + row * n_groups + offs_g, tl.sum(xf * xf, axis=1), mask=g_ok)
+            xf = xf * w
         amax = tl.max(tl.abs(xf), axis=1)
         scale = tl.where(amax > 0, amax / 32639.0, 1.0)
         q = tl.floor(xf / scale[:, None] + 0.5)
@@ -978,12 +980,12 @@ if HAS_TRITON:
         tl.store(sx_ptr + row * n_groups + offs_g, scale, mask=g_ok)
 
     @triton.jit
-    def _int4_dp4a_kernel(xw_ptr, xs_ptr, sx_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
-                          N, KW, stride_wn, stride_sn,
-                          GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                          HAS_RESIDUAL: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
-                          EVEN_K: tl.constexpr):
+    def _int4_dp4a_kernel(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
+                          N, KW, stride_wn, stride_sn, eps,
+                          GROUP: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FAST: tl.constexpr,
+                          PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                          STAGES: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_P2: tl.constexpr):
         """out[0, n] = sum_g scale[n, g] * sx[g] * (sum_{k in g} q[n, k] * xq[k] - zero[n, g] *
         sum_{k in g} xq[k]) for one row of x prepared by `_int4_x_kernel` (KW = K / 8 words).
 
@@ -993,11 +995,16 @@ if HAS_TRITON:
         8 weights cost 4 dp4a and 3 bit operations, against a conversion of every nibble to a
         float. Every thread holds several rows of the tile, so the x words it loads serve them
         all. Per group the integer sum becomes float once. sz_ptr: `pack_scale_zero` [N, K/G].
-        Grid (cdiv(N, BLOCK_N),).
+        NORM: x was prepared with the RMSNorm's weight (`_int4_x_kernel`); the result is divided
+        by the row's rms, from the groups' sums of squares ss_ptr [K/G] (GROUPS_P2 >= K/G), summed
+        in one fixed order whatever the tile. Grid (cdiv(N, BLOCK_N),).
         """
         WPG: tl.constexpr = GROUP // 8
         NGT: tl.constexpr = BLOCK_W // WPG  # groups per tile
         pdl_start(PDL)
+        if NORM:  # issued first, used last: its latency hides behind the loop
+            offs_ss = tl.arange(0, GROUPS_P2)
+            ss = tl.load(ss_ptr + offs_ss, mask=offs_ss < KW // WPG, other=0.0)
         pid_n = tl.program_id(0)
         offs_n, rows = _row_block(pid_n, N, BLOCK_N, SWIGLU)
         offs_w = tl.arange(0, BLOCK_W)
@@ -1041,6 +1048,8 @@ if HAS_TRITON:
             acc += (dot.to(tl.float32) - zero * xs[None, :]) * (scale * sx[None, :])
         result = tl.sum(acc, axis=1)
         pdl_release(PDL)
+        if NORM:
+            result = result / tl.sqrt_rn(tl.sum(ss, axis=0) / (KW * 8) + eps)
         _write_out(result[:, None], offs_n, tl.arange(0, 1), 1, N, pid_n, b_ptr, r_ptr, out_ptr,
                    N, HAS_BIAS, HAS_RESIDUAL, SWIGLU, BLOCK_N, 1)
 
@@ -1642,23 +1651,20 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
     planes = torch.empty((4, m, words), dtype=torch.int32, device=x.device)
     sums = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     scales = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
-    pdl = pdl_launch(x.device)
     norm = fusion.norm_weight is not None
-    if norm:  # the RMSNorm needs the whole row: one program
-        block_g = triton.next_power_of_2(n_groups)
-        warps = max(4, min(16, block_g * group // 512))
-    else:
-        block_g = max(1, 1024 // group)
-        warps = 4
+    squares = torch.empty((m, n_groups), dtype=torch.float32, device=x.device) if norm else sums
+    pdl = pdl_launch(x.device)
+    block_g = max(1, 1024 // group)
     _int4_x_kernel[(m, triton.cdiv(n_groups, block_g))](
-        x, fusion.norm_weight if norm else x, planes, sums, scales, k, x.stride(0), fusion.eps,
-        GROUP=group, BLOCK_G=block_g, NORM=norm, num_warps=warps, **pdl)
+        x, fusion.norm_weight if norm else x, planes, sums, scales, squares, k, x.stride(0),
+        GROUP=group, BLOCK_G=block_g, NORM=norm, num_warps=4, **pdl)
     out = torch.empty((m, _out_features(n, fusion.swiglu)), dtype=x.dtype, device=x.device)
-    args = (planes, sums, scales, qweight.view(torch.int32), scale_zero,
+    args = (planes, sums, scales, squares, qweight.view(torch.int32), scale_zero,
             out if bias is None else bias, out if fusion.residual is None else fusion.residual,
-            out, n, words, qweight.stride(0) // 4, scale_zero.stride(0))
-    common = dict(GROUP=group, HAS_BIAS=bias is not None, SWIGLU=fusion.swiglu,
-                  HAS_RESIDUAL=fusion.residual is not None, FAST=x.is_cuda, **pdl)
+            out, n, words, qweight.stride(0) // 4, scale_zero.stride(0), fusion.eps)
+    common = dict(GROUP=group, NORM=norm, HAS_BIAS=bias is not None, SWIGLU=fusion.swiglu,
+                  HAS_RESIDUAL=fusion.residual is not None, FAST=x.is_cuda,
+                  GROUPS_P2=triton.next_power_of_2(n_groups), **pdl)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if config is None:
         _tuned_dp4a()[grid](*args, **common)
