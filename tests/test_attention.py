@@ -220,7 +220,12 @@ CASES = {
     "write-new-slot-alone": (1, 8, 2, 200, 32, "bf16", [128], 4, True, 64, True),
     "table-write-bf16-merge": (2, 8, 2, 200, 64, "bf16", [130, 7], 4, "table", 64, True),
     "table-fp32-one-program": (3, 8, 2, 96, 32, "fp32", [95, 0, 40], 2, "table", None, False),
+    "write-bf16-one-program-one-row": (1, 8, 2, 100, 64, "bf16", [60], 4, True, None, True),
 }
+# One row, its output also prepared for an int4 GEMV of this group size (o_proj's, linked by
+# `quant_matmul.InputLink`): in the one-program path and in the merge.
+PREP_CASES = {"one-split": 32, "rope-bf16": 128, "write-new-slot-alone": 32,
+              "write-bf16-one-program-one-row": 64, "write-fp16-no-rope": 32}
 
 
 def new_entries(name, k, cos, sin):
@@ -239,6 +244,8 @@ def _interpreter_child():
     patch_interpreter()
     from tachylm.kernels import quant_matmul as qm
     from tachylm.kernels.attention import decode_attention_triton
+    # o_proj's GEMV autotunes: timing means nothing here, so each config runs once
+    qm._tuning_bench = lambda fn, quantiles: (fn(), [1.0] * len(quantiles))[1]
 
     def run(name, batch, heads, kv_heads, slots, head_dim, dtype, pos, splits, rope, min_slice,
             write):
@@ -255,14 +262,31 @@ def _interpreter_child():
             want_k, want_v = k.clone(), v.clone()
             want_k[rows, :, input_pos], want_v[rows, :, input_pos] = stored_k, stored_v
             k[rows, :, input_pos] = v[rows, :, input_pos] = torch.tensor(1e4, dtype=k.dtype)
+        link = qm.input_link(qm.link_int4(heads * head_dim, PREP_CASES[name])) \
+            if name in PREP_CASES else None
         out = decode_attention_triton(q, k, v, input_pos, cos_t if table else cos,
                                       sin_t if table else sin, new_k, new_v,
                                       splits=splits, min_slice=min_slice,
                                       one_program=None if min_slice is None else 0,
-                                      rope_table=table)
-        result = {"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
+                                      rope_table=table, feed=link.id if link else 0)
+        result = {}
+        if link is not None:  # o_proj's integer GEMV, given the prepared x and preparing it
+            gen = torch.Generator().manual_seed(3)
+            group, width = PREP_CASES[name], heads * head_dim
+            qweight = torch.randint(0, 256, (24, width // 2), generator=gen, dtype=torch.uint8)
+            scale = (torch.rand(24, width // group, generator=gen) * 0.05).to(torch.bfloat16)
+            zero = (torch.rand(24, width // group, generator=gen) * 15).to(torch.bfloat16)
+            packed = qm.pack_scale_zero(scale, zero)
+            x = out.reshape(1, width)
+            linked = qm._triton_linear(qm.INT4, x, qweight, scale, zero, group, None,
+                                       scale_zero=packed, fed=link.id)
+            result["taken"] = link.taken
+            own = qm._triton_linear(qm.INT4, x.clone(), qweight, scale, zero, group, None,
+                                    scale_zero=packed, fed=link.id)
+            result["same_bits"] = torch.equal(linked, own) and link.taken == 1
+        result.update({"rel": rel_err(out, oracle(q, k, v, input_pos, cos, sin)),
                   "dtype": str(out.dtype), "shape": list(out.shape),
-                  "counters": int(qm.split_counters(q.device).abs().sum())}
+                  "counters": int(qm.split_counters(q.device).abs().sum())})
         if write:
             # the new entries may differ from the float64 rotation by one rounding
             result["cache_err"] = max(rel_err(k, want_k.double()), rel_err(v, want_v.double()))
@@ -288,6 +312,42 @@ def test_triton_kernel_interpreted(interpreted, name):
     assert result["counters"] == 0  # every launch leaves its arrival counters at zero
     if CASES[name][-1]:  # the kernel wrote this step's key and value into the cache
         assert result["cache_err"] < {"fp32": 1e-6, "bf16": 1e-2, "fp16": 1e-3}[dtype]
+    if name in PREP_CASES:
+        # o_proj took the prepared output once, and computed the bits it computes from its own
+        # preparation (a copy of x, which it must not take it for)
+        assert result["taken"] == 1 and result["same_bits"], result
+
+
+def _nvidia_backend():
+    if not HAS_TRITON:
+        return False
+    import triton.backends
+    return "nvidia" in triton.backends.backends
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
+@pytest.mark.parametrize("prep_group", [0, 32, 128])
+def test_kernel_compiles_for_sm90(prep_group):
+    """The kernel lowers for an H100 (the interpreter checks values, not what the compiler
+    takes), at the 8B's shape, writing the cache, with and without preparing its output for an
+    int4 GEMV (`quant_matmul.InputLink`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from tachylm.kernels.attention import _decode_attn_kernel as fn
+    types = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "nk_ptr", "nv_ptr", "out_ptr")}
+    types.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", ws_ptr="*fp32",
+                 lse_ptr="*fp32", cnt_ptr="*i32", pw_ptr="*i32", ps_ptr="*fp32",
+                 psx_ptr="*fp32", qk_scale="fp32")
+    meta = dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_S=128, SPLITS=16,
+                ONE_PROGRAM=256, MIN_SLICE=64, PRECISION=False, ROPE=True, ROPE_TABLE=True,
+                WRITE=True, PDL=True, PREP_GROUP=prep_group)
+    signature = {name: types.get(name, "i32") for name in fn.arg_names}
+    signature.update({name: "constexpr" for name in meta})
+    kernel = triton.compile(triton.compiler.ASTSource(fn, signature, meta),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=4, num_stages=3))
+    assert "st.global" in kernel.asm["ptx"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -137,3 +137,32 @@ def test_engine_end_to_end_on_cuda_compiled(tmp_path):
     quantized = Engine.load(str(tmp_path), device="cuda", dtype="bfloat16", max_seq_len=256,
                             compile=True, quant="int8")
     assert quantized.generate("the lazy dog", max_new_tokens=8, params=greedy).text() is not None
+
+
+def test_cuda_int4_attention_hands_o_proj_its_input():
+    """int4 decode with each layer's attention kernel preparing o_proj's input
+    (`kernels.InputLink`), eagerly and under CUDA graphs through the engine's steps: the handoff
+    is taken in every layer, and the tokens and logits are the same bits as with o_proj
+    preparing its own input."""
+    from tachylm.kernels import quant_matmul as qm
+    from tachylm.quant import apply_quant_option
+
+    torch._dynamo.reset()
+    model = build_random_model(CONFIG, device="cuda", dtype=torch.bfloat16, seed=0, std=0.1)
+    apply_quant_option(model, "int4", 32)
+    links = [qm.input_link(layer.attn.output_link) for layer in model.layers]
+    assert all(links)
+    prompt = list(range(1, 30))
+
+    def run(compile_):
+        steps = _steps(model, "cuda", compile_decode=compile_, compile_prefill=compile_)
+        return list(Generation(steps, prompt, 12, GREEDY))
+
+    before = [link.taken for link in links]
+    linked = run(False), run(True)
+    taken = [link.taken - b for link, b in zip(links, before)]
+    assert min(taken) >= 11, taken  # every eager decode step, and the graphs' warm-up and capture
+    for layer in model.layers:
+        layer.attn.output_link = 0
+    unlinked = run(False), run(True)  # the attribute is guarded: the steps compile again
+    assert linked == unlinked

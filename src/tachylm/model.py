@@ -78,6 +78,10 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 class Attention(nn.Module):
+    # An id the decode attention kernel may prepare its output under for o_proj's kernel
+    # (`decode_attention(feed=)`), set by whoever swaps o_proj (quant.link_inputs); 0: none.
+    output_link = 0
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
@@ -118,7 +122,8 @@ class Attention(nn.Module):
             else:
                 rope_cos, rope_sin, table = cos[:, 0, 0], sin[:, 0, 0], False
             out = decode_attention(q[:, :, 0], k_layer, v_layer, input_pos[:, 0], rope_cos,
-                                   rope_sin, k[:, :, 0], v[:, :, 0], kv_limit, rope_table=table)
+                                   rope_sin, k[:, :, 0], v[:, :, 0], kv_limit, rope_table=table,
+                                   feed=self.output_link)
             return self.o_proj(out.reshape(batch, 1, self.q_size), residual=x)  # out: [B, H, D]
         k = apply_rotary(k, cos, sin)
         if cache is not None:

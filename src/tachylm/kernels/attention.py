@@ -20,7 +20,11 @@ The kernel also does the steps around attention that would otherwise be kernels 
 every layer: it rotates q (rotary embedding, Hugging Face's half-split order; pass the cos/sin of
 each row's position) and, given this step's key and value (`new_k`, `new_v`), rotates the key and
 writes both into the cache at the row's position (the program whose slice holds that slot
-attends to them from registers, so no program reads the slot while it is written).
+attends to them from registers, so no program reads the slot while it is written). And, given
+an int4 o_proj's input link (`feed`, `quant_matmul.InputLink`), for one row it writes each head's
+output a second time in the form o_proj's integer GEMV reads (per group: 16-bit codes, their sum
+and scale, as `quant_matmul._int4_x_kernel` makes them), so that GEMV launches no kernel to
+prepare its input.
 
 Layouts: q [B, H, D]; k, v [B, KVH, S, D] (the cache's layer views; the D axis contiguous);
 input_pos [B] integer, the position of each row's query, 0 <= input_pos[b] < S (it attends
@@ -40,13 +44,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tachylm.kernels.quant_matmul import HAS_TRITON, pdl_launch, split_counters
+from tachylm.kernels.quant_matmul import (HAS_TRITON, input_link, pdl_launch, prepared_views,
+                                          split_counters)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tachylm.kernels.quant_matmul import pdl_release, pdl_start
+    from tachylm.kernels.quant_matmul import _store_x_groups, pdl_release, pdl_start
 
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 64  # cache slots per tile: [64, D] keys and values per step
@@ -183,9 +188,22 @@ if HAS_TRITON:
         return (x1f * cos - x2f * sin).to(DTYPE), (x2f * cos + x1f * sin).to(DTYPE)
 
     @triton.jit
+    def _prepare_heads(o, heads, g_ok, b, pw_ptr, ps_ptr, psx_ptr, N_HEADS: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, PREP_GROUP: tl.constexpr):
+        """The output rows o [BLOCK_G, HEAD_DIM] of query heads `heads` (g_ok: the real ones),
+        as stored (in out's dtype, given), prepared for an int4 GEMV with groups of PREP_GROUP
+        (`quant_matmul._int4_x_kernel`'s planes, sums and scales, for row b)."""
+        GPH: tl.constexpr = HEAD_DIM // PREP_GROUP  # groups a head
+        groups = tl.reshape(o.to(tl.float32), (BLOCK_G * GPH, PREP_GROUP))
+        offs = tl.reshape(heads[:, None] * GPH + tl.arange(0, GPH)[None, :], (BLOCK_G * GPH,))
+        ok = tl.reshape(g_ok[:, None] & (tl.arange(0, GPH) < GPH)[None, :], (BLOCK_G * GPH,))
+        _store_x_groups(groups, offs, ok, b, N_HEADS * GPH, N_HEADS * HEAD_DIM // 8, pw_ptr,
+                        ps_ptr, psx_ptr, PREP_GROUP, BLOCK_G * GPH)
+
+    @triton.jit
     def _decode_attn_kernel(
         q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, nk_ptr, nv_ptr, out_ptr, ws_ptr, lse_ptr,
-        cnt_ptr,
+        cnt_ptr, pw_ptr, ps_ptr, psx_ptr,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_nkb, stride_nkh, stride_nvb, stride_nvh,
         stride_ob, stride_oh, stride_pos, stride_cb, qk_scale,
@@ -193,6 +211,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
         ONE_PROGRAM: tl.constexpr, MIN_SLICE: tl.constexpr, PRECISION: tl.constexpr,
         ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr,
+        PREP_GROUP: tl.constexpr,
     ):
         pdl_start(PDL)  # programmatic dependent launch: see quant_matmul.pdl_launch
         pid_h = tl.program_id(0)  # b * N_KV_HEADS + kv head
@@ -287,7 +306,11 @@ if HAS_TRITON:
         part = acc / tl.where(has, l_i, 1.0)[:, None]
         out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         if active == 1:
-            tl.store(out_ptrs, part.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            stored = part.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptrs, stored, mask=g_ok[:, None])
+            if PREP_GROUP > 0:
+                _prepare_heads(stored, heads, g_ok, b, pw_ptr, ps_ptr, psx_ptr, N_KV_HEADS * GROUP,
+                               HEAD_DIM, BLOCK_G, PREP_GROUP)
             return
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         rows = pid_h * GROUP + offs_g  # = b * H + head
@@ -318,7 +341,11 @@ if HAS_TRITON:
                 merged += w[:, None] * part_s
                 total += w
             merged = merged / tl.where(g_ok, total, 1.0)[:, None]
-            tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            stored = merged.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptrs, stored, mask=g_ok[:, None])
+            if PREP_GROUP > 0:
+                _prepare_heads(stored, heads, g_ok, b, pw_ptr, ps_ptr, psx_ptr,
+                               N_KV_HEADS * GROUP, HEAD_DIM, BLOCK_G, PREP_GROUP)
             tl.atomic_xchg(cnt_ptr + pid_h, 0, sem="relaxed", scope="gpu")
 
 
@@ -397,12 +424,14 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
                             new_v: torch.Tensor | None = None, splits: int | None = None,
                             one_program: int | None = None, min_slice: int | None = None,
-                            rope_table: bool = False) -> torch.Tensor:
+                            rope_table: bool = False, feed: int = 0) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); arguments as the ref.
 
     `splits`, `one_program` and `min_slice` override `choose_splits`, `_ONE_PROGRAM` and
     `_MIN_SLICE` (tests, benchmarks). q, k and v must share one dtype. With new_k/new_v the
-    kernel writes them into k and v.
+    kernel writes them into k and v. feed: the id of an `quant_matmul.InputLink` (o_proj's):
+    with one row, the kernel also prepares its output for that int4 GEMV, each head's output
+    where it is written (a head of D outputs holds whole groups when the group size divides D).
     """
     _check(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table)
     refusal = _kernel_refusal(q, k, v, cos, sin, new_k, new_v)
@@ -421,10 +450,15 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qk_scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # natural exp -> exp2
     write = new_k is not None
     new_k, new_v = (new_k, new_v) if write else (q, q)  # placeholders, never read
+    link = input_link(feed)
+    prep = None
+    if link is not None and batch == 1 and head_dim % link.group == 0 \
+            and link.k == n_heads * head_dim:
+        prep = prepared_views(link.buffer(q.device), link.k, link.group)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_attn_kernel[(batch * n_kv_heads, splits)](
             q, k, v, input_pos, q if cos is None else cos, q if sin is None else sin, new_k, new_v,
-            out, ws, lse, counters,
+            out, ws, lse, counters, *(prep or (counters, ws, ws)),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), new_k.stride(0), new_k.stride(1),
             new_v.stride(0), new_v.stride(1), out.stride(0), out.stride(1),
@@ -434,35 +468,37 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ONE_PROGRAM=_ONE_PROGRAM if one_program is None else one_program,
             MIN_SLICE=_MIN_SLICE if min_slice is None else min_slice,
             PRECISION=q.dtype == torch.float32, ROPE=cos is not None, ROPE_TABLE=rope_table,
-            WRITE=write,
+            WRITE=write, PREP_GROUP=link.group if prep else 0,
             num_warps=4, num_stages=stages, **pdl_launch(q.device))
+    if prep:
+        link.offer(out)
     return out
 
 
 @torch.library.custom_op(
     "tachylm::decode_attention", mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, Tensor input_pos, Tensor? cos, Tensor? sin, "
-           "bool rope_table) -> Tensor")
-def _decode_attention_op(q, k, v, input_pos, cos, sin, rope_table):
-    return decode_attention_triton(q, k, v, input_pos, cos, sin, rope_table=rope_table)
+           "bool rope_table, int feed=0) -> Tensor")
+def _decode_attention_op(q, k, v, input_pos, cos, sin, rope_table, feed=0):
+    return decode_attention_triton(q, k, v, input_pos, cos, sin, rope_table=rope_table, feed=feed)
 
 
 @_decode_attention_op.register_fake
-def _decode_attention_fake(q, k, v, input_pos, cos, sin, rope_table):
+def _decode_attention_fake(q, k, v, input_pos, cos, sin, rope_table, feed=0):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op(
     "tachylm::decode_attention_write", mutates_args=("k", "v"),
     schema="(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor input_pos, Tensor? cos, Tensor? sin, "
-           "Tensor new_k, Tensor new_v, bool rope_table) -> Tensor")
-def _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table):
+           "Tensor new_k, Tensor new_v, bool rope_table, int feed=0) -> Tensor")
+def _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table, feed=0):
     return decode_attention_triton(q, k, v, input_pos, cos, sin, new_k, new_v,
-                                   rope_table=rope_table)
+                                   rope_table=rope_table, feed=feed)
 
 
 @_decode_attention_write_op.register_fake
-def _decode_attention_write_fake(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table):
+def _decode_attention_write_fake(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table, feed=0):
     return torch.empty_like(q)
 
 
@@ -470,7 +506,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      input_pos: torch.Tensor, cos: torch.Tensor | None = None,
                      sin: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
                      new_v: torch.Tensor | None = None, kv_limit: int | None = None,
-                     rope_table: bool = False) -> torch.Tensor:
+                     rope_table: bool = False, feed: int = 0) -> torch.Tensor:
     """Attention of one query per row over cache slots 0..input_pos[b] (q rotated first by
     cos/sin when given), optionally writing this step's key and value into the cache first.
 
@@ -487,6 +523,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             kernel reads only the filled slots whatever it is.
         rope_table: cos and sin are the whole rotary tables [P, D / 2] (P >= S), read at each
             row's position (by the kernel itself on CUDA).
+        feed: the input link of the Linear the output goes to (`decode_attention_triton`); 0:
+            none. A speed hint: the result is the same.
     Returns:
         [B, H, D] in q's dtype.
     """
@@ -495,5 +533,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     rope_table)
     _check(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table)
     if new_k is None:
-        return _decode_attention_op(q, k, v, input_pos, cos, sin, rope_table)
-    return _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table)
+        return _decode_attention_op(q, k, v, input_pos, cos, sin, rope_table, feed)
+    return _decode_attention_write_op(q, k, v, input_pos, cos, sin, new_k, new_v, rope_table,
+                                      feed)

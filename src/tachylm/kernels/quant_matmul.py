@@ -926,6 +926,32 @@ if HAS_TRITON:
         return tl.sum((v & 0xFF) << shift, axis=1)
 
     @triton.jit
+    def _store_x_groups(xf, offs_g, g_ok, row, n_groups, plane, xw_ptr, xs_ptr, sx_ptr,
+                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+        """xf [BLOCK_G, GROUP] float32, groups offs_g (g_ok: the ones to store) of row `row` of
+        an x of n_groups groups a row -> the codes, sums and scales `_int4_x_kernel` describes.
+        plane: words a plane (int64), M * K / 8 for M rows."""
+        WPG: tl.constexpr = GROUP // 8  # weight words (8 codes each) per group
+        amax = tl.max(tl.abs(xf), axis=1)
+        scale = tl.where(amax > 0, amax / 32639.0, 1.0)
+        q = tl.floor(xf / scale[:, None] + 0.5)
+        q = tl.minimum(tl.maximum(q, -32639.0), 32639.0).to(tl.int32)
+        hi = (q + 128) >> 8  # in [-128, 127]
+        lo = q - hi * 256  # in [-128, 127]
+        # column 8 * word + 2 * byte + parity
+        hi_even, hi_odd = tl.split(tl.reshape(hi, (BLOCK_G * WPG, 4, 2)))
+        lo_even, lo_odd = tl.split(tl.reshape(lo, (BLOCK_G * WPG, 4, 2)))
+        word = tl.reshape(offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :], (BLOCK_G * WPG,))
+        ok = tl.reshape(g_ok[:, None] & (tl.arange(0, WPG) < WPG)[None, :], (BLOCK_G * WPG,))
+        base = row.to(tl.int64) * (n_groups * WPG) + word
+        tl.store(xw_ptr + base, _pack_words(hi_even), mask=ok)
+        tl.store(xw_ptr + plane + base, _pack_words(hi_odd), mask=ok)
+        tl.store(xw_ptr + 2 * plane + base, _pack_words(lo_even), mask=ok)
+        tl.store(xw_ptr + 3 * plane + base, _pack_words(lo_odd), mask=ok)
+        tl.store(xs_ptr + row * n_groups + offs_g, tl.sum(q, axis=1).to(tl.float32), mask=g_ok)
+        tl.store(sx_ptr + row * n_groups + offs_g, scale, mask=g_ok)
+
+    @triton.jit
     def _int4_x_kernel(x_ptr, g_ptr, xw_ptr, xs_ptr, sx_ptr, ss_ptr, K, stride_x,
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, NORM: tl.constexpr,
                        PDL: tl.constexpr):
@@ -940,7 +966,6 @@ if HAS_TRITON:
         cancels out of the codes and the GEMV applies it to its result (from those sums): no
         program needs the whole row. Grid (M, cdiv(K / GROUP, BLOCK_G)).
         """
-        WPG: tl.constexpr = GROUP // 8  # weight words (8 codes each) per group
         row = tl.program_id(0)
         n_groups = K // GROUP
         offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -958,26 +983,9 @@ if HAS_TRITON:
             # would (as the other GEMV kernels' fused norm, which rounds nothing either).
             tl.store(ss_ptr + row * n_groups + offs_g, tl.sum(xf * xf, axis=1), mask=g_ok)
             xf = xf * w
-        amax = tl.max(tl.abs(xf), axis=1)
-        scale = tl.where(amax > 0, amax / 32639.0, 1.0)
-        q = tl.floor(xf / scale[:, None] + 0.5)
-        q = tl.minimum(tl.maximum(q, -32639.0), 32639.0).to(tl.int32)
-        hi = (q + 128) >> 8  # in [-128, 127]
-        lo = q - hi * 256  # in [-128, 127]
-        # column 8 * word + 2 * byte + parity
-        hi_even, hi_odd = tl.split(tl.reshape(hi, (BLOCK_G * WPG, 4, 2)))
-        lo_even, lo_odd = tl.split(tl.reshape(lo, (BLOCK_G * WPG, 4, 2)))
-        word = tl.reshape(offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :], (BLOCK_G * WPG,))
-        ok = word < n_groups * WPG
-        words = K // 8
-        base = row.to(tl.int64) * words + word
-        plane = tl.num_programs(0).to(tl.int64) * words
-        tl.store(xw_ptr + base, _pack_words(hi_even), mask=ok)
-        tl.store(xw_ptr + plane + base, _pack_words(hi_odd), mask=ok)
-        tl.store(xw_ptr + 2 * plane + base, _pack_words(lo_even), mask=ok)
-        tl.store(xw_ptr + 3 * plane + base, _pack_words(lo_odd), mask=ok)
-        tl.store(xs_ptr + row * n_groups + offs_g, tl.sum(q, axis=1).to(tl.float32), mask=g_ok)
-        tl.store(sx_ptr + row * n_groups + offs_g, scale, mask=g_ok)
+        plane = tl.num_programs(0).to(tl.int64) * (K // 8)
+        _store_x_groups(xf, offs_g, g_ok, row, n_groups, plane, xw_ptr, xs_ptr, sx_ptr, GROUP,
+                        BLOCK_G)
 
     @triton.jit
     def _int4_dp4a_kernel(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
@@ -1634,30 +1642,56 @@ def _dp4a_applies(x_rows: int, k: int, group: int, scale_zero: Optional[torch.Te
             and k // 8 >= 4)
 
 
+def prepared_x_numel(k: int, group: int) -> int:
+    """int32 elements of one row of x prepared for `_int4_dp4a_kernel` (`prepared_views`)."""
+    return 4 * (k // 8) + 2 * (k // group)
+
+
+def prepared_views(buffer: torch.Tensor, k: int, group: int) -> tuple:
+    """(planes [4, 1, K / 8] int32, sums [1, K / G], scales [1, K / G] float32) in one int32
+    buffer of `prepared_x_numel` elements: one row of x prepared for `_int4_dp4a_kernel`."""
+    words, n_groups = k // 8, k // group
+    planes = buffer[:4 * words].view(4, 1, words)
+    sums = buffer[4 * words:4 * words + n_groups].view(torch.float32).view(1, n_groups)
+    scales = buffer[4 * words + n_groups:4 * words + 2 * n_groups].view(torch.float32)
+    return planes, sums, scales.view(1, n_groups)
+
+
 def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, group: int,
                     bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION,
-                    config: Optional[dict] = None) -> torch.Tensor:
+                    config: Optional[dict] = None,
+                    prepared: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One row x [1, K] -> [1, N] ([1, N / 2] with swiglu) for an int4 weight: `_int4_x_kernel`
     (with the fusion's RMSNorm) then `_int4_dp4a_kernel` (bias, SwiGLU, residual).
 
     config: None to autotune; else BLOCK_N, BLOCK_W, STAGES, num_warps of one launch.
+    prepared: x already prepared (`prepared_views`' layout, by the kernel that computed x): no
+        preparation kernel. No RMSNorm then.
     """
     m, k = x.shape
     n = qweight.shape[0]
+    if m != 1:
+        raise ValueError(f"the int4 integer GEMV takes one row of x, got {m}")
     if qweight.stride(0) % 4 or qweight.storage_offset() % 4:
         raise ValueError("the int4 GEMV reads weight rows as 32-bit words: qweight's rows must "
                          "start at multiples of 4 bytes")
     words, n_groups = k // 8, k // group
-    planes = torch.empty((4, m, words), dtype=torch.int32, device=x.device)
-    sums = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
-    scales = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     norm = fusion.norm_weight is not None
-    squares = torch.empty((m, n_groups), dtype=torch.float32, device=x.device) if norm else sums
     pdl = pdl_launch(x.device)
-    block_g = max(1, 1024 // group)
-    _int4_x_kernel[(m, triton.cdiv(n_groups, block_g))](
-        x, fusion.norm_weight if norm else x, planes, sums, scales, squares, k, x.stride(0),
-        GROUP=group, BLOCK_G=block_g, NORM=norm, num_warps=4, **pdl)
+    if prepared is None:
+        planes, sums, scales = prepared_views(
+            torch.empty(prepared_x_numel(k, group), dtype=torch.int32, device=x.device), k, group)
+        squares = torch.empty((m, n_groups), dtype=torch.float32, device=x.device) if norm else sums
+        block_g = max(1, 1024 // group)
+        _int4_x_kernel[(m, triton.cdiv(n_groups, block_g))](
+            x, fusion.norm_weight if norm else x, planes, sums, scales, squares, k, x.stride(0),
+            GROUP=group, BLOCK_G=block_g, NORM=norm, num_warps=4, **pdl)
+    else:
+        if norm or prepared.numel() != prepared_x_numel(k, group):
+            raise ValueError("a prepared x takes no RMSNorm and must have prepared_x_numel(K, "
+                             "group) elements")
+        planes, sums, scales = prepared_views(prepared, k, group)
+        squares = sums
     out = torch.empty((m, _out_features(n, fusion.swiglu)), dtype=x.dtype, device=x.device)
     args = (planes, sums, scales, squares, qweight.view(torch.int32), scale_zero,
             out if bias is None else bias, out if fusion.residual is None else fusion.residual,
@@ -1674,6 +1708,56 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
         _int4_dp4a_kernel[grid](*args, **common, **meta, EVEN_K=words % meta["BLOCK_W"] == 0,
                                 num_warps=num_warps, num_stages=meta["STAGES"])
     return out
+
+
+class InputLink:
+    """An int4 Linear whose input the kernel computing it also prepares (decode attention for
+    o_proj): for one row of x, that kernel writes the planes, sums and scales of
+    `_int4_x_kernel` into the link's buffer with its output, and the Linear's integer GEMV skips
+    its preparation kernel.
+
+    The GEMV takes the buffer only when its x is the tensor the producer last wrote (same
+    storage), checked on the host whenever the ops run eagerly, which includes torch.compile's
+    warm-up and CUDA-graph capture; otherwise it prepares x itself. Each handoff is taken once.
+    The two ops stay ordered by the data itself: the GEMV's input is the producer's output.
+    """
+
+    def __init__(self, k: int, group: int):
+        self.k, self.group = k, group
+        self.ready: Optional[tuple] = None  # (data_ptr, device) of the output last prepared
+        self.taken = 0  # handoffs taken (tests)
+        self.id = len(_LINKS) + 1
+        _LINKS[self.id] = self
+
+    def buffer(self, device: torch.device) -> torch.Tensor:
+        return persistent_zeros(f"int4 input link {self.id}", device,
+                                prepared_x_numel(self.k, self.group))
+
+    def offer(self, out: torch.Tensor) -> None:
+        """The producer has prepared `out` in the buffer."""
+        self.ready = (out.data_ptr(), out.device)
+
+    def take(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The buffer if it holds x prepared (once), else None."""
+        if self.ready != (x.data_ptr(), x.device):
+            return None
+        self.ready = None
+        self.taken += 1
+        return self.buffer(x.device)
+
+
+_LINKS: dict = {}
+
+
+def link_int4(k: int, group: int) -> int:
+    """A new `InputLink` for an int4 Linear of input width k and group size `group`; its id,
+    which the producer's kernel (`decode_attention(feed=)`) and the Linear (`int4_linear(fed=)`)
+    are given."""
+    return InputLink(k, group).id
+
+
+def input_link(link_id: int) -> Optional[InputLink]:
+    return _LINKS.get(link_id)
 
 
 _NORM_MAX_K = 16384  # one program holds a row of x in registers
@@ -1703,11 +1787,12 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                    scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], group: int,
                    bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION,
-                   scale_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   scale_zero: Optional[torch.Tensor] = None, fed: int = 0) -> torch.Tensor:
     """x [M, K] -> [M, N]: GEMV kernels for few rows, (dequantize +) cuBLAS beyond GEMV_MAX_M.
 
     The fusion runs inside the GEMV kernels, and as PyTorch ops around cuBLAS. int4 with
-    `scale_zero` (`pack_scale_zero`) takes the integer GEMV for one row.
+    `scale_zero` (`pack_scale_zero`) takes the integer GEMV for one row, with x prepared by its
+    producer where the `InputLink` fed (0: none) holds it.
     """
     # Row views (a tensor-parallel shard along N) are read in place; anything else would need a
     # copy of the weight on every call, so it is refused instead.
@@ -1730,7 +1815,13 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                 norm_weight=None if fusion.norm_weight is None else fusion.norm_weight.contiguous(),
                 residual=None if fusion.residual is None else fusion.residual.contiguous())
             if dp4a:
-                return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion)
+                link = _LINKS.get(fed)
+                prepared = None
+                if link is not None and fusion.norm_weight is None \
+                        and (link.k, link.group) == (x.shape[1], group):
+                    prepared = link.take(x)
+                return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion,
+                                       prepared=prepared)
             return _gemv(scheme, x, qweight, scale, zero, group, bias, fusion=fusion)
         if scheme == DENSE:
             return fused_linear_ref(lambda t: F.linear(t, qweight, bias), x, fusion)
@@ -1788,20 +1879,21 @@ _fp8_linear_op = _rowwise_op("fp8_linear", FP8)
 
 
 def _int4_linear_impl(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0,
-                      swiglu=False, residual=None, scale_zero=None):
+                      swiglu=False, residual=None, scale_zero=None, fed=0):
     return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias,
-                          Fusion(norm_weight, eps, swiglu, residual), scale_zero)
+                          Fusion(norm_weight, eps, swiglu, residual), scale_zero, fed)
 
 
 _int4_linear_op = _custom_op("int4_linear", f"(Tensor x, Tensor qweight, Tensor scale, "
                                             f"Tensor zero, int group_size, Tensor? bias, "
-                                            f"{_FUSION_SCHEMA}, Tensor? scale_zero=None) -> Tensor",
+                                            f"{_FUSION_SCHEMA}, Tensor? scale_zero=None, "
+                                            f"int fed=0) -> Tensor",
                              _int4_linear_impl)
 
 
 @_int4_linear_op.register_fake
 def _(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0, swiglu=False,
-      residual=None, scale_zero=None):
+      residual=None, scale_zero=None, fed=0):
     return _fake_output(x, qweight, swiglu)
 
 
@@ -1917,12 +2009,14 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
                 group_size: int, bias: Optional[torch.Tensor] = None, *,
                 norm: Optional[tuple] = None, swiglu: bool = False,
                 residual: Optional[torch.Tensor] = None,
-                scale_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+                scale_zero: Optional[torch.Tensor] = None, fed: int = 0) -> torch.Tensor:
     """`int8_linear` for group-wise int4: w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
 
     Dispatch and fusion as `int8_linear`; the other arguments and result as `int4_linear_ref`.
     scale_zero: `pack_scale_zero(scale, zero)`, which lets one row of x (decode) take the
     integer GEMV (`_int4_dp4a_kernel`; groups of DP4A_GROUPS) on CUDA.
+    fed: the id of the `InputLink` (`link_int4`) whose producer may have prepared x (0: none);
+    it changes how the integer GEMV gets its x, never the result.
     """
     fusion = make_fusion(norm, swiglu, residual)
     _check_int4(x, qweight, scale, zero, group_size, bias, fusion)
@@ -1937,7 +2031,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     norm_inside = _dp4a_applies(m, x.shape[-1], group_size, scale_zero)
     return _call_op(INT4, _int4_linear_op, x, qweight.shape[0],
                     (qweight, scale, zero, group_size, bias), fusion,
-                    (scale_zero,) if scale_zero is not None else (), norm_inside)
+                    (scale_zero, fed) if scale_zero is not None else (), norm_inside)
 
 
 def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

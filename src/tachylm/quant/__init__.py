@@ -25,11 +25,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from tachylm.model import Transformer
 from tachylm.quant.schemes import (INT4_GROUP_SIZES, SCHEMES, Fp8Linear, Int4Linear, Int8Linear,
                                    QuantizedLinear, check_group_size)
 
 __all__ = ["GPTQ_MODES", "HEAD", "INT4_GROUP_SIZES", "MODES", "SCHEMES", "Fp8Linear", "Int4Linear", "Int8Linear",
-           "QuantizedLinear", "apply_quant_option", "linear_names", "module_specs",
+           "QuantizedLinear", "apply_quant_option", "link_inputs", "linear_names", "module_specs",
            "prepare_for_quantized_load", "quantize_model", "quantized_modules", "scheme_for_mode"]
 
 Progress = Callable[[str], None]
@@ -55,6 +56,20 @@ def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
     """Names of the float `nn.Linear` modules the transform would quantize, in model order."""
     return [name for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and (include_head or name != HEAD)]
+
+
+def link_inputs(model: nn.Module) -> int:
+    """Let the decode attention kernel of each layer hand its quantized o_proj the input in the
+    form o_proj's kernel reads (`QuantizedLinear.input_link`; int4 takes it); the number of
+    layers linked. A speed hint: results do not change. `quantize_model` and
+    `prepare_for_quantized_load` call it."""
+    linked = 0
+    for layer in model.layers if isinstance(model, Transformer) else ():
+        attention = layer.attn
+        if isinstance(attention.o_proj, QuantizedLinear):
+            attention.output_link = attention.o_proj.input_link()
+            linked += bool(attention.output_link)
+    return linked
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
@@ -147,6 +162,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
         gptq_quantize_model(model, calibration_tokens, group_size, scheme=scheme_for_mode(mode),
                             include_head=include_head, device=device, progress=progress,
                             **gptq_options)
+        link_inputs(model)
         return module_specs(model)
     if calibration_tokens is not None or gptq_options:
         raise ValueError(f"calibration applies to {' and '.join(GPTQ_MODES)} only, not {mode}")
@@ -158,6 +174,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
         del linear, weight  # the float weight goes now, not at the end
         if progress is not None:
             progress(f"quantized {name} ({mode}) [{i + 1}/{len(names)}]")
+    link_inputs(model)
     return module_specs(model)
 
 
@@ -213,3 +230,4 @@ def prepare_for_quantized_load(model: nn.Module, specs: dict[str, dict[str, Any]
         except TypeError as e:
             raise ValueError(f"{name}: bad options {options} for scheme {scheme}: {e}") from e
         set_module(model, name, module)
+    link_inputs(model)

@@ -103,6 +103,12 @@ class QuantizedLinear(nn.Module):
         rebuilds the module for loading."""
         return {"scheme": self.scheme}
 
+    def input_link(self) -> int:
+        """An id under which the kernel that computes this module's input may also hand it over
+        in the form this module's kernel reads (`kernels.InputLink`), or 0 where the scheme has
+        no such form. A speed hint only: results do not change."""
+        return 0
+
     def _apply(self, fn, recurse=True):
         # `model.to(dtype)`, `.half()` and friends convert every floating-point tensor. The quantized
         # tensors and their scales are part of the format: they follow device moves but keep their
@@ -491,9 +497,18 @@ class Int4Linear(QuantizedLinear):
                    torch.empty(out_features, groups, dtype=INT4_PARAM_DTYPE, device=device), group_size,
                    torch.empty(out_features, device=device) if bias else None)
 
+    fed_by = 0  # the `kernels.link_int4` id of `input_link` (0: none)
+
     def forward(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias,
-                                   scale_zero=self.scale_zero, **fusion)
+                                   scale_zero=self.scale_zero, fed=self.fed_by, **fusion)
+
+    def input_link(self):
+        # One row of x prepared by its producer: the integer GEMV then launches no kernel to
+        # prepare it.
+        if not self.fed_by and self.group_size in kernels.DP4A_GROUPS:
+            self.fed_by = kernels.link_int4(self.in_features, self.group_size)
+        return self.fed_by
 
     def dequantize(self, rows=slice(None)):
         return kernels.dequantize_int4(self.qweight[rows], self.scale[rows], self.zero[rows],
