@@ -196,7 +196,7 @@ if HAS_TRITON:
         GPH: tl.constexpr = HEAD_DIM // PREP_GROUP  # groups a head
         groups = tl.reshape(o.to(tl.float32), (BLOCK_G * GPH, PREP_GROUP))
         offs = tl.reshape(heads[:, None] * GPH + tl.arange(0, GPH)[None, :], (BLOCK_G * GPH,))
-        ok = tl.reshape(g_ok[:, None] & (tl.arange(0, GPH) < GPH)[None, :], (BLOCK_G * GPH,))
+        ok = tl.reshape(tl.broadcast_to(g_ok[:, None], (BLOCK_G, GPH)), (BLOCK_G * GPH,))
         _store_x_groups(groups, offs, ok, b, N_HEADS * GPH, N_HEADS * HEAD_DIM // 8, pw_ptr,
                         ps_ptr, psx_ptr, PREP_GROUP, BLOCK_G * GPH)
 

@@ -942,7 +942,7 @@ if HAS_TRITON:
         hi_even, hi_odd = tl.split(tl.reshape(hi, (BLOCK_G * WPG, 4, 2)))
         lo_even, lo_odd = tl.split(tl.reshape(lo, (BLOCK_G * WPG, 4, 2)))
         word = tl.reshape(offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :], (BLOCK_G * WPG,))
-        ok = tl.reshape(g_ok[:, None] & (tl.arange(0, WPG) < WPG)[None, :], (BLOCK_G * WPG,))
+        ok = tl.reshape(tl.broadcast_to(g_ok[:, None], (BLOCK_G, WPG)), (BLOCK_G * WPG,))
         base = row.to(tl.int64) * (n_groups * WPG) + word
         tl.store(xw_ptr + base, _pack_words(hi_even), mask=ok)
         tl.store(xw_ptr + plane + base, _pack_words(hi_odd), mask=ok)
@@ -1737,9 +1737,9 @@ class InputLink:
         """The producer has prepared `out` in the buffer."""
         self.ready = (out.data_ptr(), out.device)
 
-    def take(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The buffer if it holds x prepared (once), else None."""
-        if self.ready != (x.data_ptr(), x.device):
+    def take(self, x: torch.Tensor, group: int) -> Optional[torch.Tensor]:
+        """The buffer if it holds x [1, K] prepared in groups of `group` (once), else None."""
+        if self.ready != (x.data_ptr(), x.device) or (self.k, self.group) != (x.shape[1], group):
             return None
         self.ready = None
         self.taken += 1
@@ -1815,11 +1815,10 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                 norm_weight=None if fusion.norm_weight is None else fusion.norm_weight.contiguous(),
                 residual=None if fusion.residual is None else fusion.residual.contiguous())
             if dp4a:
-                link = _LINKS.get(fed)
-                prepared = None
-                if link is not None and fusion.norm_weight is None \
-                        and (link.k, link.group) == (x.shape[1], group):
-                    prepared = link.take(x)
+                link = input_link(fed)
+                prepared = None  # a prepared x has no RMSNorm applied
+                if link is not None and fusion.norm_weight is None:
+                    prepared = link.take(x, group)
                 return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion,
                                        prepared=prepared)
             return _gemv(scheme, x, qweight, scale, zero, group, bias, fusion=fusion)
