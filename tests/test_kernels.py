@@ -205,6 +205,16 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: qm._int4_dp4a_gemv(x[:1], torch.zeros(260, dtype=torch.uint8)[1:257].view(8, 32),
                                     None, 32, None),
          "multiples of 4 bytes"),
+        # one row only; a handed-over x of the wrong size, or with an RMSNorm still to apply
+        (lambda: qm._int4_dp4a_gemv(x[:2], q4, None, 32, None), "takes one row of x, got 2"),
+        (lambda: qm._int4_dp4a_gemv(x[:1], q4, None, 32, None,
+                                    prepared=torch.zeros(3, dtype=torch.int32)),
+         "prepared_x_numel"),
+        (lambda: qm._int4_dp4a_gemv(x[:1], q4, None, 32, None,
+                                    qm.make_fusion((torch.ones(x.shape[1]), 1e-5)),
+                                    prepared=torch.zeros(qm.prepared_x_numel(x.shape[1], 32),
+                                                         dtype=torch.int32)),
+         "takes no RMSNorm"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
