@@ -140,17 +140,18 @@ def test_engine_end_to_end_on_cuda_compiled(tmp_path):
 
 
 def test_cuda_int4_attention_hands_o_proj_its_input():
-    """int4 decode with each layer's attention kernel preparing o_proj's input
-    (`kernels.InputLink`), eagerly and under CUDA graphs through the engine's steps: the handoff
-    is taken in every layer, and the tokens and logits are the same bits as with o_proj
-    preparing its own input."""
+    """int4 decode with each layer's attention kernel preparing o_proj's input, and gate_up's
+    kernel preparing down_proj's (`kernels.InputLink`), eagerly and under CUDA graphs through
+    the engine's steps: both handoffs are taken in every layer, and the tokens are the same as
+    with o_proj and down_proj preparing their own inputs."""
     from tachylm.kernels import quant_matmul as qm
     from tachylm.quant import apply_quant_option
 
     torch._dynamo.reset()
     model = build_random_model(CONFIG, device="cuda", dtype=torch.bfloat16, seed=0, std=0.1)
     apply_quant_option(model, "int4", 32)
-    links = [qm.input_link(layer.attn.output_link) for layer in model.layers]
+    links = [qm.input_link(layer.attn.output_link) for layer in model.layers] \
+        + [qm.input_link(layer.mlp.gate_up_proj.feeds) for layer in model.layers]
     assert all(links)
     prompt = list(range(1, 30))
 
@@ -163,6 +164,6 @@ def test_cuda_int4_attention_hands_o_proj_its_input():
     taken = [link.taken - b for link, b in zip(links, before)]
     assert min(taken) >= 11, taken  # every eager decode step, and the graphs' warm-up and capture
     for layer in model.layers:
-        layer.attn.output_link = 0
+        layer.attn.output_link = layer.mlp.gate_up_proj.feeds = 0
     unlinked = run(False), run(True)  # the attribute is guarded: the steps compile again
     assert linked == unlinked

@@ -693,6 +693,12 @@ DP4A_CASES["dp4a-g128-k640-wide"] = (128, 640, "plain", dict(DP4A, BLOCK_W=32, B
 # the sums of squares of three programs (the last ragged).
 DP4A_CASES["dp4a-g32-k2080-norm+residual"] = (32, 2080, "norm+residual", DP4A, "bf16")
 DP4A_CASES["dp4a-g128-k2304-norm+swiglu"] = (128, 2304, "norm+swiglu", DP4A, "bf16")
+# gate_up's integer GEMV also preparing down's input (`_feed_prepare`): name -> (gate_up's
+# group, down's group, down's width = gate_up's outputs, config or None to autotune through the
+# dispatcher). Widths past one chunk of 1024 outputs, the last chunk ragged.
+FEED_CASES = {"feed-g32-g32-w1280": (32, 32, 1280, DP4A),
+              "feed-g32-g128-w1152-bn16": (32, 128, 1152, dict(DP4A, BLOCK_N=16)),
+              "feed-g64-g64-w1088-tuned": (64, 64, 1088, None)}
 
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
@@ -795,6 +801,35 @@ def _interpreter_child():
         return {"rel": rel_err(out, want), "dtype": str(out.dtype), "shape": list(out.shape),
                 "finite": bool(torch.isfinite(out).all()), "counters": 0}
 
+    def feed_case(name, group, down_group, width, config):
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        x, fusion = make_fusion_inputs("norm+swiglu", 1, 2 * width, 128, torch.bfloat16, gen)
+        q, scale, zero = make_int4(2 * width, 128, group, gen)
+        scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        packed = qm.pack_scale_zero(scale, zero)
+        link = qm.input_link(qm.link_int4(width, down_group))
+        if config is None:  # through the dispatcher, as the custom op runs it
+            fed = qm._triton_linear(qm.INT4, x, q, scale, zero, group, None, fusion, packed,
+                                    feed=link.id)
+        else:
+            fed = qm._int4_dp4a_gemv(x, q, packed, group, None, fusion, dict(config), feed=link)
+        own = qm._int4_dp4a_gemv(x, q, packed, group, None, fusion, dict(config or DP4A))
+        counters = qm.persistent_zeros(f"int4 input link {link.id} outputs", x.device, width)
+        # down's GEMV on the prepared output, and on a copy it must prepare itself
+        dq, dscale, dzero = make_int4(24, width, down_group, gen)
+        dscale, dzero = dscale.to(torch.bfloat16), dzero.to(torch.bfloat16)
+        dpacked = qm.pack_scale_zero(dscale, dzero)
+        linked = qm._triton_linear(qm.INT4, fed, dq, dscale, dzero, down_group, None,
+                                   scale_zero=dpacked, fed=link.id)
+        taken = link.taken
+        unlinked = qm._triton_linear(qm.INT4, fed.clone(), dq, dscale, dzero, down_group, None,
+                                     scale_zero=dpacked, fed=link.id)
+        want = fused_oracle("int4", x, (q, scale, zero), group, None, fusion)
+        return {"rel": rel_err(fed, want), "same_bits": torch.equal(fed, own),
+                "down_same_bits": torch.equal(linked, unlinked), "taken": taken,
+                "taken_after": link.taken, "counters": int(counters.abs().sum()),
+                "shape": list(fed.shape), "finite": bool(torch.isfinite(fed).all())}
+
     def packed_op_case(name):
         """The int4 custom op given the packed scales: one row takes the integer GEMV."""
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -810,7 +845,7 @@ def _interpreter_child():
     # a case that raises is reported to its parent test, which fails with the message
     results = {}
     for run, cases in ((case, CASES), (fusion_case, FUSION_CASES), (norm_case, NORM_CASES),
-                       (op_case, OP_CASES), (dp4a_case, DP4A_CASES),
+                       (op_case, OP_CASES), (dp4a_case, DP4A_CASES), (feed_case, FEED_CASES),
                        (packed_op_case, {"op-int4-m1-packed": ()})):
         results.update({name: outcome(run, name, *args) for name, args in cases.items()})
     print(json.dumps(results))
@@ -822,10 +857,21 @@ def interpreted():
 
 
 @pytest.mark.parametrize("name", list(CASES) + list(OP_CASES) + list(FUSION_CASES)
-                         + list(NORM_CASES) + list(DP4A_CASES) + ["op-int4-m1-packed"])
+                         + list(NORM_CASES) + list(DP4A_CASES) + ["op-int4-m1-packed"]
+                         + list(FEED_CASES))
 def test_triton_kernel_interpreted(interpreted, name):
     result = interpreted[name]
     assert "error" not in result, result.get("error")
+    if name in FEED_CASES:
+        # gate_up's output is the same bits with the feed programs as without; down took the
+        # prepared output once and computed the bits it computes from its own preparation (of a
+        # copy, which it must not take it for); the tagged words are zero again
+        width = FEED_CASES[name][2]
+        assert result["shape"] == [1, width] and result["finite"]
+        assert result["rel"] < 2 * max(TOLERANCE["bf16"], 2e-4), result
+        assert result["same_bits"] and result["down_same_bits"], result
+        assert (result["taken"], result["taken_after"], result["counters"]) == (1, 1, 0), result
+        return
     if name in DP4A_CASES or name == "op-int4-m1-packed":
         group, k, kind, config, dtype = DP4A_CASES.get(name, (32, 64, "plain", None, "bf16"))
         n = N // 2 if "swiglu" in kind else (N if name in DP4A_CASES else 24)
@@ -974,14 +1020,19 @@ def test_int4_dp4a_kernels_compile_for_sm90(group):
 
     types = {"xw_ptr": "*i32", "xs_ptr": "*fp32", "sx_ptr": "*fp32", "ss_ptr": "*fp32",
              "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*bf16", "r_ptr": "*bf16",
-             "out_ptr": "*bf16", "eps": "fp32"}
+             "out_ptr": "*bf16", "fw_ptr": "*i32", "fs_ptr": "*fp32", "fsx_ptr": "*fp32",
+             "tag_ptr": "*i32", "eps": "fp32"}
     for bn, bw, nw, st in qm._DP4A_CONFIGS:
-        for norm, swiglu, residual in ((False, False, False), (True, True, True)):
+        # the last: SwiGLU's output also prepared for the next Linear by the feed programs
+        for norm, swiglu, residual, feed in ((False, False, False, 0), (True, True, True, 0),
+                                             (True, True, False, group)):
             meta = dict(GROUP=group, NORM=norm, HAS_BIAS=True, SWIGLU=swiglu,
                         HAS_RESIDUAL=residual, FAST=True, PDL=True, BLOCK_N=bn, BLOCK_W=bw,
-                        STAGES=st, EVEN_K=True, GROUPS_P2=4096 // group)
-            kernel = compile_(qm._int4_dp4a_kernel, types, meta, nw, st)
-            assert kernel.asm["ptx"].count("dp4a.u32.s32") > 0
+                        STAGES=st, EVEN_K=True, GROUPS_P2=4096 // group, FEED_GROUP=feed)
+            ptx = compile_(qm._int4_dp4a_kernel, types, meta, nw, st).asm["ptx"]
+            assert ptx.count("dp4a.u32.s32") > 0
+            # the feed programs read the tagged outputs through to L2 until they are all there
+            assert ("ld.volatile.global" in ptx) == bool(feed)
     prep_types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "xw_ptr": "*i32", "xs_ptr": "*fp32",
                   "sx_ptr": "*fp32", "ss_ptr": "*fp32"}
     for norm in (True, False):

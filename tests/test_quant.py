@@ -520,21 +520,24 @@ def test_prepare_for_quantized_load_rejects_bad_specs():
     assert model.layers[0].attn.o_proj.qweight.is_meta
 
 
-def test_int4_o_proj_is_linked_to_its_attention():
+def test_int4_o_proj_and_down_proj_are_linked_to_their_producers():
     """Quantizing to int4 (or preparing an int4 load) gives each layer's attention the input link
-    of its o_proj (`kernels.InputLink`), one per layer; other schemes stay unlinked."""
+    of its o_proj, and its gate_up_proj that of its down_proj (`kernels.InputLink`), one each
+    per layer; nothing else is fed, and other schemes stay unlinked."""
     def links(model):
-        return [(layer.attn.output_link, layer.attn.o_proj.fed_by) for layer in model.layers]
+        return [(layer.attn.output_link, layer.attn.o_proj.fed_by) for layer in model.layers] \
+            + [(layer.mlp.gate_up_proj.feeds, layer.mlp.down_proj.fed_by) for layer in model.layers]
 
     model = _tiny_model()
     quantize_model(model, "int4", 32)
     pairs = links(model)
     assert all(out and out == fed for out, fed in pairs) and len(set(pairs)) == len(pairs)
     assert not any(getattr(m, "fed_by", 0) for name, m in model.named_modules()
-                   if not name.endswith("o_proj"))
+                   if not name.endswith(("o_proj", "down_proj")))
     model = _tiny_model()
     quantize_model(model, "int8")
     assert not any(layer.attn.output_link for layer in model.layers)
+    assert not any(getattr(m, "feeds", 0) for m in model.modules())
     with torch.device("meta"):
         model = Transformer(tiny_config())
     prepare_for_quantized_load(model, {name: {"scheme": "int4", "group_size": 32}

@@ -180,6 +180,9 @@ _PTX_NIBBLES_SCALED_BF16 = _nibbles_ptx("0x43434343")[:-1] + """    .reg .b32 on
 # Four byte products summed into an int32: unsigned bytes of $1 (int4 codes) times signed bytes of
 # $2 (16-bit x, split into a high and a low byte), plus $3.
 _PTX_DP4A = "dp4a.u32.s32 $0, $1, $2, $3;"
+# Columns of x one program of `_int4_x_kernel` prepares, and a feed program of
+# `_int4_dp4a_kernel`.
+_PREP_COLUMNS = 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +464,7 @@ if HAS_TRITON:
     _ASM_NIBBLES_TO_F16 = tl.constexpr(_PTX_NIBBLES_TO_F16)
     _ASM_NIBBLES_SCALED_BF16 = tl.constexpr(_PTX_NIBBLES_SCALED_BF16)
     _ASM_DP4A = tl.constexpr(_PTX_DP4A)
+    PREP_COLUMNS = tl.constexpr(_PREP_COLUMNS)
 
     @triton.jit
     def _int8_to_f32(w, FAST: tl.constexpr):
@@ -624,7 +628,8 @@ if HAS_TRITON:
                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
         # acc: [BLOCK_N, BLOCK_M] float32 = out^T for the rows offs_n (`_row_block`). The residual
-        # shares out's layout [M, N] ([M, N / 2] with SWIGLU).
+        # shares out's layout [M, N] ([M, N / 2] with SWIGLU). Returns what it stored, where
+        # (offsets into out) and its mask.
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + bias[:, None]
@@ -642,7 +647,9 @@ if HAS_TRITON:
         idx = offs_m[None, :] * stride_om + offs_o[:, None]
         if HAS_RESIDUAL:
             y = y + tl.load(r_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+        stored = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + idx, stored, mask=mask)
+        return stored, idx, mask
 
     @triton.jit
     def _finish(acc, sumsq, offs_n, offs_m, M, N, K, eps, pid_n, pid_k, b_ptr, r_ptr, out_ptr,
@@ -989,11 +996,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_dp4a_kernel(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
+                          fw_ptr, fs_ptr, fsx_ptr, tag_ptr,
                           N, KW, stride_wn, stride_sn, eps,
                           GROUP: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                           SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FAST: tl.constexpr,
                           PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                          STAGES: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_P2: tl.constexpr):
+                          STAGES: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_P2: tl.constexpr,
+                          FEED_GROUP: tl.constexpr):
         """out[0, n] = sum_g scale[n, g] * sx[g] * (sum_{k in g} q[n, k] * xq[k] - zero[n, g] *
         sum_{k in g} xq[k]) for one row of x prepared by `_int4_x_kernel` (KW = K / 8 words).
 
@@ -1006,7 +1015,70 @@ if HAS_TRITON:
         NORM: x was prepared with the RMSNorm's weight (`_int4_x_kernel`); the result is divided
         by the row's rms, from the groups' sums of squares ss_ptr [K/G] (GROUPS_P2 >= K/G), summed
         in one fixed order whatever the tile. Grid (cdiv(N, BLOCK_N),).
+
+        FEED_GROUP > 0 (SWIGLU, one row, 16-bit output): the output also goes to the next Linear
+        prepared in groups of FEED_GROUP (`_feed_prepare`) by one more program per PREP_COLUMNS
+        outputs, past the row blocks: fw_ptr, fs_ptr, fsx_ptr get the planes, sums and scales,
+        and tag_ptr [N / 2] is the int32 words the row blocks hand the outputs over in.
         """
+        if FEED_GROUP > 0:
+            if tl.program_id(0) >= tl.cdiv(N, BLOCK_N):
+                _feed_prepare(out_ptr, tag_ptr, fw_ptr, fs_ptr, fsx_ptr,
+                              tl.program_id(0) - tl.cdiv(N, BLOCK_N), N // 2, FEED_GROUP, PDL)
+            else:
+                _int4_dp4a_rows(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr,
+                                out_ptr, tag_ptr, N, KW, stride_wn, stride_sn, eps, GROUP, NORM,
+                                HAS_BIAS, SWIGLU, HAS_RESIDUAL, FAST, PDL, BLOCK_N, BLOCK_W,
+                                STAGES, EVEN_K, GROUPS_P2, True)
+        else:
+            _int4_dp4a_rows(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
+                            tag_ptr, N, KW, stride_wn, stride_sn, eps, GROUP, NORM, HAS_BIAS,
+                            SWIGLU, HAS_RESIDUAL, FAST, PDL, BLOCK_N, BLOCK_W, STAGES, EVEN_K,
+                            GROUPS_P2, False)
+
+    @triton.jit
+    def _feed_prepare(out_ptr, tag_ptr, xw_ptr, xs_ptr, sx_ptr, chunk, H, GROUP: tl.constexpr,
+                      PDL: tl.constexpr):
+        """One feed program of `_int4_dp4a_kernel`: prepare chunk `chunk` (PREP_COLUMNS outputs)
+        of the output h [1, H] as `_int4_x_kernel` would, once the row blocks have written it.
+
+        The row blocks also store each output as a tagged word in tag_ptr [H] (`_tag_outputs`),
+        which holds zeros between launches: the program reads its chunk until no word is zero,
+        so the value it waits for is the flag itself and needs no fence or atomic on either
+        side, then zeroes the words. Feed programs come after every row block in the grid and
+        row blocks wait on nothing, so the words they wait for are always written."""
+        pdl_release(PDL)
+        BLOCK_G: tl.constexpr = PREP_COLUMNS // GROUP
+        n_groups = H // GROUP
+        offs_g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
+        g_ok = offs_g < n_groups
+        k = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = tl.broadcast_to(g_ok[:, None], (BLOCK_G, GROUP))
+        words = tl.load(tag_ptr + k, mask=mask, other=1, volatile=True)
+        while tl.min(tl.min(words, axis=1), axis=0) == 0:
+            words = tl.load(tag_ptr + k, mask=mask, other=1, volatile=True)
+        tl.store(tag_ptr + k, tl.zeros_like(words), mask=mask)  # ready for the next launch
+        h = words.to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True)
+        row = tl.program_id(1)  # 0: the grid is one-dimensional
+        _store_x_groups(h.to(tl.float32), offs_g, g_ok, row, n_groups, (H // 8).to(tl.int64),
+                        xw_ptr, xs_ptr, sx_ptr, GROUP, BLOCK_G)
+
+    @triton.jit
+    def _tag_outputs(tag_ptr, stored, idx, mask):
+        """Store 16-bit outputs as words that are never zero (bits | 1 << 16): `_feed_prepare`."""
+        bits = stored.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        tl.store(tag_ptr + idx, bits | 0x10000, mask=mask)
+
+    @triton.jit
+    def _int4_dp4a_rows(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
+                        tag_ptr, N, KW, stride_wn, stride_sn, eps,
+                        GROUP: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FAST: tl.constexpr,
+                        PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                        STAGES: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_P2: tl.constexpr,
+                        FEED: tl.constexpr):
+        """One row block of `_int4_dp4a_kernel`; with FEED it also stores its outputs tagged for
+        the feed programs (`_tag_outputs`)."""
         WPG: tl.constexpr = GROUP // 8
         NGT: tl.constexpr = BLOCK_W // WPG  # groups per tile
         pdl_start(PDL)
@@ -1058,8 +1130,11 @@ if HAS_TRITON:
         pdl_release(PDL)
         if NORM:
             result = result / tl.sqrt_rn(tl.sum(ss, axis=0) / (KW * 8) + eps)
-        _write_out(result[:, None], offs_n, tl.arange(0, 1), 1, N, pid_n, b_ptr, r_ptr, out_ptr,
-                   N, HAS_BIAS, HAS_RESIDUAL, SWIGLU, BLOCK_N, 1)
+        stored, idx, mask = _write_out(result[:, None], offs_n, tl.arange(0, 1), 1, N, pid_n,
+                                       b_ptr, r_ptr, out_ptr, N, HAS_BIAS, HAS_RESIDUAL, SWIGLU,
+                                       BLOCK_N, 1)
+        if FEED:
+            _tag_outputs(tag_ptr, stored, idx, mask)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
@@ -1364,7 +1439,8 @@ def _tuned_dp4a():
                              num_stages=st) for bn, bw, nw, st in _DP4A_CONFIGS]
     with_even = triton.heuristics({"EVEN_K": lambda a: a["KW"] % a["BLOCK_W"] == 0})(
         _int4_dp4a_kernel)
-    return triton.autotune(configs=configs, key=["N", "KW", "GROUP", "SWIGLU", "HAS_RESIDUAL"],
+    return triton.autotune(configs=configs,
+                           key=["N", "KW", "GROUP", "SWIGLU", "HAS_RESIDUAL", "FEED_GROUP"],
                            **_autotune_kwargs())(with_even)
 
 
@@ -1660,13 +1736,16 @@ def prepared_views(buffer: torch.Tensor, k: int, group: int) -> tuple:
 def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, group: int,
                     bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION,
                     config: Optional[dict] = None,
-                    prepared: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    prepared: Optional[torch.Tensor] = None,
+                    feed: Optional["InputLink"] = None) -> torch.Tensor:
     """One row x [1, K] -> [1, N] ([1, N / 2] with swiglu) for an int4 weight: `_int4_x_kernel`
     (with the fusion's RMSNorm) then `_int4_dp4a_kernel` (bias, SwiGLU, residual).
 
     config: None to autotune; else BLOCK_N, BLOCK_W, STAGES, num_warps of one launch.
     prepared: x already prepared (`prepared_views`' layout, by the kernel that computed x): no
         preparation kernel. No RMSNorm then.
+    feed: with swiglu, the `InputLink` of the Linear the output goes to: the kernel also
+        prepares the output for it (`_feed_prepare`) when the link's width is the output's.
     """
     m, k = x.shape
     n = qweight.shape[0]
@@ -1682,7 +1761,7 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
         planes, sums, scales = prepared_views(
             torch.empty(prepared_x_numel(k, group), dtype=torch.int32, device=x.device), k, group)
         squares = torch.empty((m, n_groups), dtype=torch.float32, device=x.device) if norm else sums
-        block_g = max(1, 1024 // group)
+        block_g = max(1, _PREP_COLUMNS // group)
         _int4_x_kernel[(m, triton.cdiv(n_groups, block_g))](
             x, fusion.norm_weight if norm else x, planes, sums, scales, squares, k, x.stride(0),
             GROUP=group, BLOCK_G=block_g, NORM=norm, num_warps=4, **pdl)
@@ -1692,14 +1771,25 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
                              "group) elements")
         planes, sums, scales = prepared_views(prepared, k, group)
         squares = sums
-    out = torch.empty((m, _out_features(n, fusion.swiglu)), dtype=x.dtype, device=x.device)
+    n_out = _out_features(n, fusion.swiglu)
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    feeds = (feed is not None and fusion.swiglu and feed.k == n_out
+             and out.element_size() == 2)
+    feed_programs = triton.cdiv(n_out, _PREP_COLUMNS) if feeds else 0
+    if feeds:
+        fed = prepared_views(feed.buffer(x.device), feed.k, feed.group)
+        tags = persistent_zeros(f"int4 input link {feed.id} outputs", x.device, n_out)
+    else:
+        fed, tags = (planes, sums, scales), sums  # not read
     args = (planes, sums, scales, squares, qweight.view(torch.int32), scale_zero,
             out if bias is None else bias, out if fusion.residual is None else fusion.residual,
-            out, n, words, qweight.stride(0) // 4, scale_zero.stride(0), fusion.eps)
+            out, *fed, tags, n, words, qweight.stride(0) // 4, scale_zero.stride(0),
+            fusion.eps)
     common = dict(GROUP=group, NORM=norm, HAS_BIAS=bias is not None, SWIGLU=fusion.swiglu,
                   HAS_RESIDUAL=fusion.residual is not None, FAST=x.is_cuda,
-                  GROUPS_P2=triton.next_power_of_2(n_groups), **pdl)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+                  GROUPS_P2=triton.next_power_of_2(n_groups),
+                  FEED_GROUP=feed.group if feeds else 0, **pdl)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) + feed_programs,)  # noqa: E731
     if config is None:
         _tuned_dp4a()[grid](*args, **common)
     else:
@@ -1707,6 +1797,8 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
         num_warps = meta.pop("num_warps", 4)
         _int4_dp4a_kernel[grid](*args, **common, **meta, EVEN_K=words % meta["BLOCK_W"] == 0,
                                 num_warps=num_warps, num_stages=meta["STAGES"])
+    if feeds:
+        feed.offer(out)
     return out
 
 
@@ -1787,12 +1879,14 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                    scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], group: int,
                    bias: Optional[torch.Tensor], fusion: Fusion = NO_FUSION,
-                   scale_zero: Optional[torch.Tensor] = None, fed: int = 0) -> torch.Tensor:
+                   scale_zero: Optional[torch.Tensor] = None, fed: int = 0,
+                   feed: int = 0) -> torch.Tensor:
     """x [M, K] -> [M, N]: GEMV kernels for few rows, (dequantize +) cuBLAS beyond GEMV_MAX_M.
 
     The fusion runs inside the GEMV kernels, and as PyTorch ops around cuBLAS. int4 with
     `scale_zero` (`pack_scale_zero`) takes the integer GEMV for one row, with x prepared by its
-    producer where the `InputLink` fed (0: none) holds it.
+    producer where the `InputLink` fed (0: none) holds it, and its output prepared for the
+    consumer of the `InputLink` feed (0: none; SwiGLU's output only).
     """
     # Row views (a tensor-parallel shard along N) are read in place; anything else would need a
     # copy of the weight on every call, so it is refused instead.
@@ -1820,7 +1914,7 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                 if link is not None and fusion.norm_weight is None:
                     prepared = link.take(x, group)
                 return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion,
-                                       prepared=prepared)
+                                       prepared=prepared, feed=input_link(feed))
             return _gemv(scheme, x, qweight, scale, zero, group, bias, fusion=fusion)
         if scheme == DENSE:
             return fused_linear_ref(lambda t: F.linear(t, qweight, bias), x, fusion)
@@ -1878,21 +1972,21 @@ _fp8_linear_op = _rowwise_op("fp8_linear", FP8)
 
 
 def _int4_linear_impl(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0,
-                      swiglu=False, residual=None, scale_zero=None, fed=0):
+                      swiglu=False, residual=None, scale_zero=None, fed=0, feed=0):
     return _triton_linear(INT4, x, qweight, scale, zero, group_size, bias,
-                          Fusion(norm_weight, eps, swiglu, residual), scale_zero, fed)
+                          Fusion(norm_weight, eps, swiglu, residual), scale_zero, fed, feed)
 
 
 _int4_linear_op = _custom_op("int4_linear", f"(Tensor x, Tensor qweight, Tensor scale, "
                                             f"Tensor zero, int group_size, Tensor? bias, "
                                             f"{_FUSION_SCHEMA}, Tensor? scale_zero=None, "
-                                            f"int fed=0) -> Tensor",
+                                            f"int fed=0, int feed=0) -> Tensor",
                              _int4_linear_impl)
 
 
 @_int4_linear_op.register_fake
 def _(x, qweight, scale, zero, group_size, bias, norm_weight=None, eps=0.0, swiglu=False,
-      residual=None, scale_zero=None, fed=0):
+      residual=None, scale_zero=None, fed=0, feed=0):
     return _fake_output(x, qweight, swiglu)
 
 
@@ -2008,14 +2102,16 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
                 group_size: int, bias: Optional[torch.Tensor] = None, *,
                 norm: Optional[tuple] = None, swiglu: bool = False,
                 residual: Optional[torch.Tensor] = None,
-                scale_zero: Optional[torch.Tensor] = None, fed: int = 0) -> torch.Tensor:
+                scale_zero: Optional[torch.Tensor] = None, fed: int = 0,
+                feed: int = 0) -> torch.Tensor:
     """`int8_linear` for group-wise int4: w[n, k] = (q[n, k] - zero[n, k/G]) * scale[n, k/G].
 
     Dispatch and fusion as `int8_linear`; the other arguments and result as `int4_linear_ref`.
     scale_zero: `pack_scale_zero(scale, zero)`, which lets one row of x (decode) take the
     integer GEMV (`_int4_dp4a_kernel`; groups of DP4A_GROUPS) on CUDA.
     fed: the id of the `InputLink` (`link_int4`) whose producer may have prepared x (0: none);
-    it changes how the integer GEMV gets its x, never the result.
+    feed: the id of the `InputLink` of the int4 Linear this one's SwiGLU output goes to, which
+    the integer GEMV then prepares as well (0: none). Neither ever changes the result.
     """
     fusion = make_fusion(norm, swiglu, residual)
     _check_int4(x, qweight, scale, zero, group_size, bias, fusion)
@@ -2030,7 +2126,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     norm_inside = _dp4a_applies(m, x.shape[-1], group_size, scale_zero)
     return _call_op(INT4, _int4_linear_op, x, qweight.shape[0],
                     (qweight, scale, zero, group_size, bias), fusion,
-                    (scale_zero, fed) if scale_zero is not None else (), norm_inside)
+                    (scale_zero, fed, feed) if scale_zero is not None else (), norm_inside)
 
 
 def _dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -59,16 +59,20 @@ def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
 
 
 def link_inputs(model: nn.Module) -> int:
-    """Let the decode attention kernel of each layer hand its quantized o_proj the input in the
-    form o_proj's kernel reads (`QuantizedLinear.input_link`; int4 takes it); the number of
-    layers linked. A speed hint: results do not change. `quantize_model` and
+    """Let the kernels that compute the inputs of o_proj and down_proj also hand them over in the
+    form those Linears' kernels read (`QuantizedLinear.input_link`; int4 takes it): each layer's
+    decode attention kernel for o_proj, and an int4 gate_up_proj's kernel for down_proj. The
+    number of links made. A speed hint: results do not change. `quantize_model` and
     `prepare_for_quantized_load` call it."""
     linked = 0
     for layer in model.layers if isinstance(model, Transformer) else ():
-        attention = layer.attn
+        attention, mlp = layer.attn, layer.mlp
         if isinstance(attention.o_proj, QuantizedLinear):
             attention.output_link = attention.o_proj.input_link()
             linked += bool(attention.output_link)
+        if isinstance(mlp.gate_up_proj, Int4Linear) and isinstance(mlp.down_proj, QuantizedLinear):
+            mlp.gate_up_proj.feeds = mlp.down_proj.input_link()
+            linked += bool(mlp.gate_up_proj.feeds)
     return linked
 
 

@@ -498,10 +498,12 @@ class Int4Linear(QuantizedLinear):
                    torch.empty(out_features, device=device) if bias else None)
 
     fed_by = 0  # the `kernels.link_int4` id of `input_link` (0: none)
+    feeds = 0  # the link id of the int4 Linear that takes this one's SwiGLU output (0: none)
 
     def forward(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias,
-                                   scale_zero=self.scale_zero, fed=self.fed_by, **fusion)
+                                   scale_zero=self.scale_zero, fed=self.fed_by, feed=self.feeds,
+                                   **fusion)
 
     def input_link(self):
         # One row of x prepared by its producer: the integer GEMV then launches no kernel to
