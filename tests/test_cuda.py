@@ -140,18 +140,22 @@ def test_engine_end_to_end_on_cuda_compiled(tmp_path):
 
 
 def test_cuda_int4_attention_hands_o_proj_its_input():
-    """int4 decode with each layer's attention kernel preparing o_proj's input, and gate_up's
-    kernel preparing down_proj's (`kernels.InputLink`), eagerly and under CUDA graphs through
-    the engine's steps: both handoffs are taken in every layer, and the tokens are the same as
-    with o_proj and down_proj preparing their own inputs."""
+    """int4 decode with each Linear's input prepared by the kernel that computes it
+    (`kernels.InputLink`: the attention kernel for o_proj, o_proj for gate_up_proj, gate_up_proj
+    for down_proj, down_proj for the next qkv_proj and the quantized head), eagerly and under
+    CUDA graphs through the engine's steps: every handoff is taken at every step but the first
+    of the Linears with an RMSNorm, and the tokens are the same as with every Linear preparing
+    its own input."""
     from tachylm.kernels import quant_matmul as qm
-    from tachylm.quant import apply_quant_option
+    from tachylm.quant import Int4Linear, apply_quant_option
 
     torch._dynamo.reset()
     model = build_random_model(CONFIG, device="cuda", dtype=torch.bfloat16, seed=0, std=0.1)
-    apply_quant_option(model, "int4", 32)
+    apply_quant_option(model, "int4", 32, include_head=True)
+    producers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.feeds]
+    assert len(producers) == 3 * len(model.layers)  # o_proj, gate_up_proj and down_proj
     links = [qm.input_link(layer.attn.output_link) for layer in model.layers] \
-        + [qm.input_link(layer.mlp.gate_up_proj.feeds) for layer in model.layers]
+        + [qm.input_link(m.feeds) for m in producers]
     assert all(links)
     prompt = list(range(1, 30))
 
@@ -162,8 +166,10 @@ def test_cuda_int4_attention_hands_o_proj_its_input():
     before = [link.taken for link in links]
     linked = run(False), run(True)
     taken = [link.taken - b for link, b in zip(links, before)]
-    assert min(taken) >= 11, taken  # every eager decode step, and the graphs' warm-up and capture
+    assert min(taken) >= 11, taken  # eager decode steps, and the graphs' warm-up and capture
     for layer in model.layers:
-        layer.attn.output_link = layer.mlp.gate_up_proj.feeds = 0
-    unlinked = run(False), run(True)  # the attribute is guarded: the steps compile again
+        layer.attn.output_link = 0
+    for m in producers:
+        m.feeds = 0
+    unlinked = run(False), run(True)  # the attributes are guarded: the steps compile again
     assert linked == unlinked

@@ -205,16 +205,11 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: qm._int4_dp4a_gemv(x[:1], torch.zeros(260, dtype=torch.uint8)[1:257].view(8, 32),
                                     None, 32, None),
          "multiples of 4 bytes"),
-        # one row only; a handed-over x of the wrong size, or with an RMSNorm still to apply
+        # one row only; a handed-over x of the wrong size
         (lambda: qm._int4_dp4a_gemv(x[:2], q4, None, 32, None), "takes one row of x, got 2"),
         (lambda: qm._int4_dp4a_gemv(x[:1], q4, None, 32, None,
                                     prepared=torch.zeros(3, dtype=torch.int32)),
          "prepared_x_numel"),
-        (lambda: qm._int4_dp4a_gemv(x[:1], q4, None, 32, None,
-                                    qm.make_fusion((torch.ones(x.shape[1]), 1e-5)),
-                                    prepared=torch.zeros(qm.prepared_x_numel(x.shape[1], 32),
-                                                         dtype=torch.int32)),
-         "takes no RMSNorm"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -693,12 +688,17 @@ DP4A_CASES["dp4a-g128-k640-wide"] = (128, 640, "plain", dict(DP4A, BLOCK_W=32, B
 # the sums of squares of three programs (the last ragged).
 DP4A_CASES["dp4a-g32-k2080-norm+residual"] = (32, 2080, "norm+residual", DP4A, "bf16")
 DP4A_CASES["dp4a-g128-k2304-norm+swiglu"] = (128, 2304, "norm+swiglu", DP4A, "bf16")
-# gate_up's integer GEMV also preparing down's input (`_feed_prepare`): name -> (gate_up's
-# group, down's group, down's width = gate_up's outputs, config or None to autotune through the
-# dispatcher). Widths past one chunk of 1024 outputs, the last chunk ragged.
-FEED_CASES = {"feed-g32-g32-w1280": (32, 32, 1280, DP4A),
-              "feed-g32-g128-w1152-bn16": (32, 128, 1152, dict(DP4A, BLOCK_N=16)),
-              "feed-g64-g64-w1088-tuned": (64, 64, 1088, None)}
+# An int4 Linear's integer GEMV also preparing the next one's input (`_feed_prepare`): name ->
+# (the producer's group, the consumer's group, the consumer's width = the producer's outputs,
+# config or None to autotune through the dispatcher, the producer's fusion, whether the
+# consumer has an RMSNorm). gate_up for down (SwiGLU); o or down for gate_up, qkv or the head
+# (a residual, the consumer's norm). Widths past one chunk of 1024 outputs, the last ragged.
+FEED_CASES = {"feed-g32-g32-w1280": (32, 32, 1280, DP4A, "norm+swiglu", False),
+              "feed-g32-g128-w1152-bn16": (32, 128, 1152, dict(DP4A, BLOCK_N=16), "norm+swiglu",
+                                           False),
+              "feed-g64-g64-w1088-tuned": (64, 64, 1088, None, "norm+swiglu", False),
+              "feed-g32-g64-w1088-norm": (32, 64, 1088, DP4A, "residual", True),
+              "feed-g128-g32-w1056-norm-tuned": (128, 32, 1056, None, "norm+residual", True)}
 
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
@@ -801,33 +801,47 @@ def _interpreter_child():
         return {"rel": rel_err(out, want), "dtype": str(out.dtype), "shape": list(out.shape),
                 "finite": bool(torch.isfinite(out).all()), "counters": 0}
 
-    def feed_case(name, group, down_group, width, config):
+    def feed_case(name, group, down_group, width, config, kind, down_norm):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        x, fusion = make_fusion_inputs("norm+swiglu", 1, 2 * width, 128, torch.bfloat16, gen)
-        q, scale, zero = make_int4(2 * width, 128, group, gen)
+        n = 2 * width if "swiglu" in kind else width
+        x, fusion = make_fusion_inputs(kind, 1, n, 128, torch.bfloat16, gen)
+        q, scale, zero = make_int4(n, 128, group, gen)
         scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
         packed = qm.pack_scale_zero(scale, zero)
         link = qm.input_link(qm.link_int4(width, down_group))
-        if config is None:  # through the dispatcher, as the custom op runs it
-            fed = qm._triton_linear(qm.INT4, x, q, scale, zero, group, None, fusion, packed,
-                                    feed=link.id)
-        else:
-            fed = qm._int4_dp4a_gemv(x, q, packed, group, None, fusion, dict(config), feed=link)
-        own = qm._int4_dp4a_gemv(x, q, packed, group, None, fusion, dict(config or DP4A))
-        counters = qm.persistent_zeros(f"int4 input link {link.id} outputs", x.device, width)
-        # down's GEMV on the prepared output, and on a copy it must prepare itself
+        # the consumer: its weights, and its RMSNorm if it has one
         dq, dscale, dzero = make_int4(24, width, down_group, gen)
         dscale, dzero = dscale.to(torch.bfloat16), dzero.to(torch.bfloat16)
         dpacked = qm.pack_scale_zero(dscale, dzero)
-        linked = qm._triton_linear(qm.INT4, fed, dq, dscale, dzero, down_group, None,
-                                   scale_zero=dpacked, fed=link.id)
-        taken = link.taken
-        unlinked = qm._triton_linear(qm.INT4, fed.clone(), dq, dscale, dzero, down_group, None,
-                                     scale_zero=dpacked, fed=link.id)
+        dfusion = qm.make_fusion(((torch.rand(width, generator=gen) + 0.5).to(torch.bfloat16),
+                                  1e-5) if down_norm else None)
+
+        def produce():
+            if config is None:  # through the dispatcher, as the custom op runs it
+                return qm._triton_linear(qm.INT4, x, q, scale, zero, group, None, fusion, packed,
+                                         feed=link.id)
+            return qm._int4_dp4a_gemv(x, q, packed, group, None, fusion, dict(config), feed=link)
+
+        def consume(h):
+            return qm._triton_linear(qm.INT4, h, dq, dscale, dzero, down_group, None, dfusion,
+                                     dpacked, fed=link.id)
+
+        result = {}
+        if down_norm:  # the first handoff has no norm: refused, and the consumer's norm noted
+            consume(produce())
+            result["first_taken"] = link.taken
+        fed = produce()
+        own = qm._int4_dp4a_gemv(x, q, packed, group, None, fusion, dict(config or DP4A))
+        counters = qm.persistent_zeros(f"int4 input link {link.id} outputs", x.device, width)
+        # the consumer's GEMV on the prepared output, and on a copy it must prepare itself
+        before = link.taken
+        linked = consume(fed)
+        taken = link.taken - before
+        unlinked = consume(fed.clone())
         want = fused_oracle("int4", x, (q, scale, zero), group, None, fusion)
-        return {"rel": rel_err(fed, want), "same_bits": torch.equal(fed, own),
+        return {**result, "rel": rel_err(fed, want), "same_bits": torch.equal(fed, own),
                 "down_same_bits": torch.equal(linked, unlinked), "taken": taken,
-                "taken_after": link.taken, "counters": int(counters.abs().sum()),
+                "taken_after": link.taken - before, "counters": int(counters.abs().sum()),
                 "shape": list(fed.shape), "finite": bool(torch.isfinite(fed).all())}
 
     def packed_op_case(name):
@@ -863,14 +877,16 @@ def test_triton_kernel_interpreted(interpreted, name):
     result = interpreted[name]
     assert "error" not in result, result.get("error")
     if name in FEED_CASES:
-        # gate_up's output is the same bits with the feed programs as without; down took the
-        # prepared output once and computed the bits it computes from its own preparation (of a
-        # copy, which it must not take it for); the tagged words are zero again
+        # the producer's output is the same bits with the feed programs as without; the
+        # consumer took the prepared output once and computed the bits it computes from its own
+        # preparation (of a copy, which it must not take it for); the tagged words are zero
+        # again. A consumer with an RMSNorm refused the first handoff, prepared without it.
         width = FEED_CASES[name][2]
         assert result["shape"] == [1, width] and result["finite"]
         assert result["rel"] < 2 * max(TOLERANCE["bf16"], 2e-4), result
         assert result["same_bits"] and result["down_same_bits"], result
         assert (result["taken"], result["taken_after"], result["counters"]) == (1, 1, 0), result
+        assert result.get("first_taken", 0) == 0, result
         return
     if name in DP4A_CASES or name == "op-int4-m1-packed":
         group, k, kind, config, dtype = DP4A_CASES.get(name, (32, 64, "plain", None, "bf16"))
@@ -1021,14 +1037,17 @@ def test_int4_dp4a_kernels_compile_for_sm90(group):
     types = {"xw_ptr": "*i32", "xs_ptr": "*fp32", "sx_ptr": "*fp32", "ss_ptr": "*fp32",
              "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*bf16", "r_ptr": "*bf16",
              "out_ptr": "*bf16", "fw_ptr": "*i32", "fs_ptr": "*fp32", "fsx_ptr": "*fp32",
-             "tag_ptr": "*i32", "eps": "fp32"}
+             "fss_ptr": "*fp32", "fg_ptr": "*bf16", "tag_ptr": "*i32", "eps": "fp32"}
     for bn, bw, nw, st in qm._DP4A_CONFIGS:
-        # the last: SwiGLU's output also prepared for the next Linear by the feed programs
-        for norm, swiglu, residual, feed in ((False, False, False, 0), (True, True, True, 0),
-                                             (True, True, False, group)):
+        # the last two: the output also prepared for the next Linear by the feed programs (as
+        # gate_up for down, and as o or down for a Linear with an RMSNorm)
+        for norm, swiglu, residual, feed, feed_norm in (
+                (False, False, False, 0, False), (True, True, True, 0, False),
+                (True, True, False, group, False), (False, False, True, group, True)):
             meta = dict(GROUP=group, NORM=norm, HAS_BIAS=True, SWIGLU=swiglu,
                         HAS_RESIDUAL=residual, FAST=True, PDL=True, BLOCK_N=bn, BLOCK_W=bw,
-                        STAGES=st, EVEN_K=True, GROUPS_P2=4096 // group, FEED_GROUP=feed)
+                        STAGES=st, EVEN_K=True, GROUPS_P2=4096 // group, FEED_GROUP=feed,
+                        FEED_NORM=feed_norm)
             ptx = compile_(qm._int4_dp4a_kernel, types, meta, nw, st).asm["ptx"]
             assert ptx.count("dp4a.u32.s32") > 0
             # the feed programs read the tagged outputs through to L2 until they are all there

@@ -520,20 +520,33 @@ def test_prepare_for_quantized_load_rejects_bad_specs():
     assert model.layers[0].attn.o_proj.qweight.is_meta
 
 
-def test_int4_o_proj_and_down_proj_are_linked_to_their_producers():
-    """Quantizing to int4 (or preparing an int4 load) gives each layer's attention the input link
-    of its o_proj, and its gate_up_proj that of its down_proj (`kernels.InputLink`), one each
-    per layer; nothing else is fed, and other schemes stay unlinked."""
+def test_int4_linears_are_linked_to_their_producers():
+    """Quantizing to int4 (or preparing an int4 load) links each Linear's input to the kernel
+    that computes it (`kernels.InputLink`): o_proj to its attention, gate_up_proj to o_proj,
+    down_proj to gate_up_proj, the next layer's qkv_proj to down_proj, and a quantized lm_head
+    to the last down_proj. One link per consumer; other schemes stay unlinked."""
     def links(model):
-        return [(layer.attn.output_link, layer.attn.o_proj.fed_by) for layer in model.layers] \
-            + [(layer.mlp.gate_up_proj.feeds, layer.mlp.down_proj.fed_by) for layer in model.layers]
+        pairs = []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.attn, layer.mlp
+            pairs += [(attn.output_link, attn.o_proj.fed_by),
+                      (attn.o_proj.feeds, mlp.gate_up_proj.fed_by),
+                      (mlp.gate_up_proj.feeds, mlp.down_proj.fed_by)]
+            if i + 1 < len(model.layers):
+                pairs.append((mlp.down_proj.feeds, model.layers[i + 1].attn.qkv_proj.fed_by))
+        return pairs
 
     model = _tiny_model()
     quantize_model(model, "int4", 32)
     pairs = links(model)
     assert all(out and out == fed for out, fed in pairs) and len(set(pairs)) == len(pairs)
-    assert not any(getattr(m, "fed_by", 0) for name, m in model.named_modules()
-                   if not name.endswith(("o_proj", "down_proj")))
+    assert not model.layers[0].attn.qkv_proj.fed_by  # the embedding computes its input
+    assert not model.layers[-1].mlp.down_proj.feeds  # the head is not quantized
+    assert not any(getattr(m, "feeds", 0) for name, m in model.named_modules()
+                   if name.endswith("qkv_proj"))
+    model = _tiny_model()
+    quantize_model(model, "int4", 32, include_head=True)
+    assert model.layers[-1].mlp.down_proj.feeds == model.lm_head.fed_by != 0
     model = _tiny_model()
     quantize_model(model, "int8")
     assert not any(layer.attn.output_link for layer in model.layers)

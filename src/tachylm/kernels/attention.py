@@ -458,7 +458,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_attn_kernel[(batch * n_kv_heads, splits)](
             q, k, v, input_pos, q if cos is None else cos, q if sin is None else sin, new_k, new_v,
-            out, ws, lse, counters, *(prep or (counters, ws, ws)),
+            out, ws, lse, counters, *(prep[:3] if prep else (counters, ws, ws)),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), new_k.stride(0), new_k.stride(1),
             new_v.stride(0), new_v.stride(1), out.stride(0), out.stride(1),

@@ -996,13 +996,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_dp4a_kernel(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
-                          fw_ptr, fs_ptr, fsx_ptr, tag_ptr,
+                          fw_ptr, fs_ptr, fsx_ptr, fss_ptr, fg_ptr, tag_ptr,
                           N, KW, stride_wn, stride_sn, eps,
                           GROUP: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                           SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FAST: tl.constexpr,
                           PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                           STAGES: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_P2: tl.constexpr,
-                          FEED_GROUP: tl.constexpr):
+                          FEED_GROUP: tl.constexpr, FEED_NORM: tl.constexpr):
         """out[0, n] = sum_g scale[n, g] * sx[g] * (sum_{k in g} q[n, k] * xq[k] - zero[n, g] *
         sum_{k in g} xq[k]) for one row of x prepared by `_int4_x_kernel` (KW = K / 8 words).
 
@@ -1016,15 +1016,22 @@ if HAS_TRITON:
         by the row's rms, from the groups' sums of squares ss_ptr [K/G] (GROUPS_P2 >= K/G), summed
         in one fixed order whatever the tile. Grid (cdiv(N, BLOCK_N),).
 
-        FEED_GROUP > 0 (SWIGLU, one row, 16-bit output): the output also goes to the next Linear
+        FEED_GROUP > 0 (one row, 16-bit output): the output also goes to the next Linear
         prepared in groups of FEED_GROUP (`_feed_prepare`) by one more program per PREP_COLUMNS
         outputs, past the row blocks: fw_ptr, fs_ptr, fsx_ptr get the planes, sums and scales,
-        and tag_ptr [N / 2] is the int32 words the row blocks hand the outputs over in.
+        and tag_ptr [H] (H outputs) is the int32 words the row blocks hand the outputs over in.
+        FEED_NORM: prepared for a Linear with an RMSNorm of weight fg_ptr [H], and fss_ptr gets
+        the groups' sums of squares (as `_int4_x_kernel` with NORM).
         """
         if FEED_GROUP > 0:
             if tl.program_id(0) >= tl.cdiv(N, BLOCK_N):
-                _feed_prepare(out_ptr, tag_ptr, fw_ptr, fs_ptr, fsx_ptr,
-                              tl.program_id(0) - tl.cdiv(N, BLOCK_N), N // 2, FEED_GROUP, PDL)
+                if SWIGLU:
+                    H = N // 2
+                else:
+                    H = N
+                _feed_prepare(out_ptr, tag_ptr, fw_ptr, fs_ptr, fsx_ptr, fss_ptr, fg_ptr,
+                              tl.program_id(0) - tl.cdiv(N, BLOCK_N), H, FEED_GROUP, FEED_NORM,
+                              PDL)
             else:
                 _int4_dp4a_rows(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr,
                                 out_ptr, tag_ptr, N, KW, stride_wn, stride_sn, eps, GROUP, NORM,
@@ -1037,10 +1044,11 @@ if HAS_TRITON:
                             GROUPS_P2, False)
 
     @triton.jit
-    def _feed_prepare(out_ptr, tag_ptr, xw_ptr, xs_ptr, sx_ptr, chunk, H, GROUP: tl.constexpr,
-                      PDL: tl.constexpr):
+    def _feed_prepare(out_ptr, tag_ptr, xw_ptr, xs_ptr, sx_ptr, ss_ptr, g_ptr, chunk, H,
+                      GROUP: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
         """One feed program of `_int4_dp4a_kernel`: prepare chunk `chunk` (PREP_COLUMNS outputs)
-        of the output h [1, H] as `_int4_x_kernel` would, once the row blocks have written it.
+        of the output h [1, H] as `_int4_x_kernel` would (with NORM, for a Linear with an
+        RMSNorm of weight g_ptr), once the row blocks have written it.
 
         The row blocks also store each output as a tagged word in tag_ptr [H] (`_tag_outputs`),
         which holds zeros between launches: the program reads its chunk until no word is zero,
@@ -1054,14 +1062,19 @@ if HAS_TRITON:
         g_ok = offs_g < n_groups
         k = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         mask = tl.broadcast_to(g_ok[:, None], (BLOCK_G, GROUP))
+        if NORM:
+            w = tl.load(g_ptr + k, mask=mask, other=0.0).to(tl.float32)
         words = tl.load(tag_ptr + k, mask=mask, other=1, volatile=True)
         while tl.min(tl.min(words, axis=1), axis=0) == 0:
             words = tl.load(tag_ptr + k, mask=mask, other=1, volatile=True)
         tl.store(tag_ptr + k, tl.zeros_like(words), mask=mask)  # ready for the next launch
-        h = words.to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True)
+        hf = words.to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         row = tl.program_id(1)  # 0: the grid is one-dimensional
-        _store_x_groups(h.to(tl.float32), offs_g, g_ok, row, n_groups, (H // 8).to(tl.int64),
-                        xw_ptr, xs_ptr, sx_ptr, GROUP, BLOCK_G)
+        if NORM:
+            tl.store(ss_ptr + row * n_groups + offs_g, tl.sum(hf * hf, axis=1), mask=g_ok)
+            hf = hf * w
+        _store_x_groups(hf, offs_g, g_ok, row, n_groups, (H // 8).to(tl.int64), xw_ptr, xs_ptr,
+                        sx_ptr, GROUP, BLOCK_G)
 
     @triton.jit
     def _tag_outputs(tag_ptr, stored, idx, mask):
@@ -1720,17 +1733,17 @@ def _dp4a_applies(x_rows: int, k: int, group: int, scale_zero: Optional[torch.Te
 
 def prepared_x_numel(k: int, group: int) -> int:
     """int32 elements of one row of x prepared for `_int4_dp4a_kernel` (`prepared_views`)."""
-    return 4 * (k // 8) + 2 * (k // group)
+    return 4 * (k // 8) + 3 * (k // group)
 
 
 def prepared_views(buffer: torch.Tensor, k: int, group: int) -> tuple:
-    """(planes [4, 1, K / 8] int32, sums [1, K / G], scales [1, K / G] float32) in one int32
-    buffer of `prepared_x_numel` elements: one row of x prepared for `_int4_dp4a_kernel`."""
+    """(planes [4, 1, K / 8] int32, sums, scales and, for an RMSNorm, sums of squares [1, K / G]
+    float32) in one int32 buffer of `prepared_x_numel` elements: one row of x prepared for
+    `_int4_dp4a_kernel`."""
     words, n_groups = k // 8, k // group
     planes = buffer[:4 * words].view(4, 1, words)
-    sums = buffer[4 * words:4 * words + n_groups].view(torch.float32).view(1, n_groups)
-    scales = buffer[4 * words + n_groups:4 * words + 2 * n_groups].view(torch.float32)
-    return planes, sums, scales.view(1, n_groups)
+    floats = buffer[4 * words:].view(torch.float32).view(3, 1, n_groups)
+    return planes, floats[0], floats[1], floats[2]
 
 
 def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, group: int,
@@ -1742,10 +1755,11 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
     (with the fusion's RMSNorm) then `_int4_dp4a_kernel` (bias, SwiGLU, residual).
 
     config: None to autotune; else BLOCK_N, BLOCK_W, STAGES, num_warps of one launch.
-    prepared: x already prepared (`prepared_views`' layout, by the kernel that computed x): no
-        preparation kernel. No RMSNorm then.
-    feed: with swiglu, the `InputLink` of the Linear the output goes to: the kernel also
-        prepares the output for it (`_feed_prepare`) when the link's width is the output's.
+    prepared: x already prepared (`prepared_views`' layout, by the kernel that computed x, with
+        the fusion's RMSNorm if it has one): no preparation kernel.
+    feed: the `InputLink` of the Linear the output goes to: the kernel also prepares the output
+        for it (`_feed_prepare`, with the RMSNorm the link names) when the link's width is the
+        output's.
     """
     m, k = x.shape
     n = qweight.shape[0]
@@ -1758,29 +1772,27 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
     norm = fusion.norm_weight is not None
     pdl = pdl_launch(x.device)
     if prepared is None:
-        planes, sums, scales = prepared_views(
+        planes, sums, scales, squares = prepared_views(
             torch.empty(prepared_x_numel(k, group), dtype=torch.int32, device=x.device), k, group)
-        squares = torch.empty((m, n_groups), dtype=torch.float32, device=x.device) if norm else sums
         block_g = max(1, _PREP_COLUMNS // group)
         _int4_x_kernel[(m, triton.cdiv(n_groups, block_g))](
             x, fusion.norm_weight if norm else x, planes, sums, scales, squares, k, x.stride(0),
             GROUP=group, BLOCK_G=block_g, NORM=norm, num_warps=4, **pdl)
     else:
-        if norm or prepared.numel() != prepared_x_numel(k, group):
-            raise ValueError("a prepared x takes no RMSNorm and must have prepared_x_numel(K, "
-                             "group) elements")
-        planes, sums, scales = prepared_views(prepared, k, group)
-        squares = sums
+        if prepared.numel() != prepared_x_numel(k, group):
+            raise ValueError("a prepared x must have prepared_x_numel(K, group) elements")
+        planes, sums, scales, squares = prepared_views(prepared, k, group)
     n_out = _out_features(n, fusion.swiglu)
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    feeds = (feed is not None and fusion.swiglu and feed.k == n_out
-             and out.element_size() == 2)
+    feeds = feed is not None and feed.k == n_out and out.element_size() == 2
     feed_programs = triton.cdiv(n_out, _PREP_COLUMNS) if feeds else 0
+    feed_norm = feed.norm_weight if feeds else None
     if feeds:
         fed = prepared_views(feed.buffer(x.device), feed.k, feed.group)
         tags = persistent_zeros(f"int4 input link {feed.id} outputs", x.device, n_out)
     else:
-        fed, tags = (planes, sums, scales), sums  # not read
+        fed, tags = (planes, sums, scales, squares), sums  # not read
+    fed += (out if feed_norm is None else feed_norm,)
     args = (planes, sums, scales, squares, qweight.view(torch.int32), scale_zero,
             out if bias is None else bias, out if fusion.residual is None else fusion.residual,
             out, *fed, tags, n, words, qweight.stride(0) // 4, scale_zero.stride(0),
@@ -1788,7 +1800,8 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
     common = dict(GROUP=group, NORM=norm, HAS_BIAS=bias is not None, SWIGLU=fusion.swiglu,
                   HAS_RESIDUAL=fusion.residual is not None, FAST=x.is_cuda,
                   GROUPS_P2=triton.next_power_of_2(n_groups),
-                  FEED_GROUP=feed.group if feeds else 0, **pdl)
+                  FEED_GROUP=feed.group if feeds else 0, FEED_NORM=feed_norm is not None,
+                  **pdl)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) + feed_programs,)  # noqa: E731
     if config is None:
         _tuned_dp4a()[grid](*args, **common)
@@ -1798,25 +1811,30 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
         _int4_dp4a_kernel[grid](*args, **common, **meta, EVEN_K=words % meta["BLOCK_W"] == 0,
                                 num_warps=num_warps, num_stages=meta["STAGES"])
     if feeds:
-        feed.offer(out)
+        feed.offer(out, feed_norm)
     return out
 
 
 class InputLink:
     """An int4 Linear whose input the kernel computing it also prepares (decode attention for
-    o_proj): for one row of x, that kernel writes the planes, sums and scales of
-    `_int4_x_kernel` into the link's buffer with its output, and the Linear's integer GEMV skips
-    its preparation kernel.
+    o_proj; another int4 Linear's integer GEMV for the next one): for one row of x, that kernel
+    writes the planes, sums and scales of `_int4_x_kernel` into the link's buffer with its
+    output, and the Linear's integer GEMV skips its preparation kernel.
 
     The GEMV takes the buffer only when its x is the tensor the producer last wrote (same
-    storage), checked on the host whenever the ops run eagerly, which includes torch.compile's
-    warm-up and CUDA-graph capture; otherwise it prepares x itself. Each handoff is taken once.
-    The two ops stay ordered by the data itself: the GEMV's input is the producer's output.
+    storage), prepared with the GEMV's own RMSNorm weight or, without one, with none, checked on
+    the host whenever the ops run eagerly, which includes torch.compile's warm-up and CUDA-graph
+    capture; otherwise it prepares x itself. Each handoff is offered to the next call only. The
+    GEMV names its norm weight (`norm_weight`) at each call, for the producer's next one. The two
+    ops stay ordered by the data itself: the GEMV's input is the producer's output, which nothing
+    may change in place between them (an all-reduce, say): link only Linears that follow each
+    other directly.
     """
 
     def __init__(self, k: int, group: int):
         self.k, self.group = k, group
-        self.ready: Optional[tuple] = None  # (data_ptr, device) of the output last prepared
+        self.ready: Optional[tuple] = None  # what the buffer holds (`_prepared_key`)
+        self.norm_weight: Optional[torch.Tensor] = None  # the consumer's RMSNorm weight
         self.taken = 0  # handoffs taken (tests)
         self.id = len(_LINKS) + 1
         _LINKS[self.id] = self
@@ -1825,15 +1843,24 @@ class InputLink:
         return persistent_zeros(f"int4 input link {self.id}", device,
                                 prepared_x_numel(self.k, self.group))
 
-    def offer(self, out: torch.Tensor) -> None:
-        """The producer has prepared `out` in the buffer."""
-        self.ready = (out.data_ptr(), out.device)
+    @staticmethod
+    def _prepared_key(x: torch.Tensor, norm_weight: Optional[torch.Tensor]) -> tuple:
+        norm = None if norm_weight is None else (norm_weight.data_ptr(), norm_weight.device)
+        return x.data_ptr(), x.device, norm
 
-    def take(self, x: torch.Tensor, group: int) -> Optional[torch.Tensor]:
-        """The buffer if it holds x [1, K] prepared in groups of `group` (once), else None."""
-        if self.ready != (x.data_ptr(), x.device) or (self.k, self.group) != (x.shape[1], group):
+    def offer(self, out: torch.Tensor, norm_weight: Optional[torch.Tensor] = None) -> None:
+        """The producer has prepared `out` in the buffer, with the RMSNorm weight given."""
+        self.ready = self._prepared_key(out, norm_weight)
+
+    def take(self, x: torch.Tensor, group: int,
+             norm_weight: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The buffer if it holds x [1, K] prepared in groups of `group` with the RMSNorm weight
+        given (or none), else None. Either way the offer is spent."""
+        ready, self.ready = self.ready, None
+        self.norm_weight = norm_weight
+        if ready != self._prepared_key(x, norm_weight) or (self.k, self.group) != (x.shape[1],
+                                                                                   group):
             return None
-        self.ready = None
         self.taken += 1
         return self.buffer(x.device)
 
@@ -1886,7 +1913,7 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
     The fusion runs inside the GEMV kernels, and as PyTorch ops around cuBLAS. int4 with
     `scale_zero` (`pack_scale_zero`) takes the integer GEMV for one row, with x prepared by its
     producer where the `InputLink` fed (0: none) holds it, and its output prepared for the
-    consumer of the `InputLink` feed (0: none; SwiGLU's output only).
+    consumer of the `InputLink` feed (0: none).
     """
     # Row views (a tensor-parallel shard along N) are read in place; anything else would need a
     # copy of the weight on every call, so it is refused instead.
@@ -1910,9 +1937,7 @@ def _triton_linear(scheme: int, x: torch.Tensor, qweight: torch.Tensor,
                 residual=None if fusion.residual is None else fusion.residual.contiguous())
             if dp4a:
                 link = input_link(fed)
-                prepared = None  # a prepared x has no RMSNorm applied
-                if link is not None and fusion.norm_weight is None:
-                    prepared = link.take(x, group)
+                prepared = None if link is None else link.take(x, group, fusion.norm_weight)
                 return _int4_dp4a_gemv(x, qweight, scale_zero.contiguous(), group, bias, fusion,
                                        prepared=prepared, feed=input_link(feed))
             return _gemv(scheme, x, qweight, scale, zero, group, bias, fusion=fusion)
@@ -2110,8 +2135,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     scale_zero: `pack_scale_zero(scale, zero)`, which lets one row of x (decode) take the
     integer GEMV (`_int4_dp4a_kernel`; groups of DP4A_GROUPS) on CUDA.
     fed: the id of the `InputLink` (`link_int4`) whose producer may have prepared x (0: none);
-    feed: the id of the `InputLink` of the int4 Linear this one's SwiGLU output goes to, which
-    the integer GEMV then prepares as well (0: none). Neither ever changes the result.
+    feed: the id of the `InputLink` of the int4 Linear this one's output goes to, which the
+    integer GEMV then prepares as well (0: none). Neither ever changes the result.
     """
     fusion = make_fusion(norm, swiglu, residual)
     _check_int4(x, qweight, scale, zero, group_size, bias, fusion)

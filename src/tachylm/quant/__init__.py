@@ -59,20 +59,28 @@ def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
 
 
 def link_inputs(model: nn.Module) -> int:
-    """Let the kernels that compute the inputs of o_proj and down_proj also hand them over in the
+    """Let the kernels that compute the inputs of quantized Linears also hand them over in the
     form those Linears' kernels read (`QuantizedLinear.input_link`; int4 takes it): each layer's
-    decode attention kernel for o_proj, and an int4 gate_up_proj's kernel for down_proj. The
-    number of links made. A speed hint: results do not change. `quantize_model` and
-    `prepare_for_quantized_load` call it."""
+    decode attention kernel for o_proj, and an int4 Linear's integer GEMV for the Linear its
+    output goes to next (o_proj for gate_up_proj, gate_up_proj for down_proj, down_proj for the
+    next layer's qkv_proj or, after the last layer, a quantized lm_head). The number of links
+    made. A speed hint: results do not change. `quantize_model` and `prepare_for_quantized_load`
+    call it."""
+    if not isinstance(model, Transformer):
+        return 0
     linked = 0
-    for layer in model.layers if isinstance(model, Transformer) else ():
+    chain = []  # the Linears in the order the residual stream passes them
+    for layer in model.layers:
         attention, mlp = layer.attn, layer.mlp
         if isinstance(attention.o_proj, QuantizedLinear):
             attention.output_link = attention.o_proj.input_link()
             linked += bool(attention.output_link)
-        if isinstance(mlp.gate_up_proj, Int4Linear) and isinstance(mlp.down_proj, QuantizedLinear):
-            mlp.gate_up_proj.feeds = mlp.down_proj.input_link()
-            linked += bool(mlp.gate_up_proj.feeds)
+        chain += [attention.qkv_proj, None, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
+    chain.append(model.lm_head)
+    for producer, consumer in zip(chain, chain[1:]):  # None: attention, linked above
+        if isinstance(producer, Int4Linear) and isinstance(consumer, QuantizedLinear):
+            producer.feeds = consumer.input_link()
+            linked += bool(producer.feeds)
     return linked
 
 

@@ -498,7 +498,7 @@ class Int4Linear(QuantizedLinear):
                    torch.empty(out_features, device=device) if bias else None)
 
     fed_by = 0  # the `kernels.link_int4` id of `input_link` (0: none)
-    feeds = 0  # the link id of the int4 Linear that takes this one's SwiGLU output (0: none)
+    feeds = 0  # the link id of the int4 Linear that takes this one's output (0: none)
 
     def forward(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         return kernels.int4_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias,
