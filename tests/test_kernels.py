@@ -832,7 +832,7 @@ def _interpreter_child():
             result["first_taken"] = link.taken
         fed = produce()
         own = qm._int4_dp4a_gemv(x, q, packed, group, None, fusion, dict(config or DP4A))
-        counters = qm.persistent_zeros(f"int4 input link {link.id} outputs", x.device, width)
+        counters = link.tags(x.device)
         # the consumer's GEMV on the prepared output, and on a copy it must prepare itself
         before = link.taken
         linked = consume(fed)

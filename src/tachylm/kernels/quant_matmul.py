@@ -959,6 +959,15 @@ if HAS_TRITON:
         tl.store(sx_ptr + row * n_groups + offs_g, scale, mask=g_ok)
 
     @triton.jit
+    def _norm_groups(xf, w, ss_ptr, row, n_groups, offs_g, g_ok):
+        """The RMSNorm's part of preparing x's groups xf [BLOCK_G, GROUP] float32: each group's
+        sum of x^2 into ss_ptr [M, n_groups], and x * g (w, the norm weight's columns) returned.
+        In float32 throughout: the 16-bit codes hold it more finely than x's dtype would (as the
+        other GEMV kernels' fused norm, which rounds nothing either)."""
+        tl.store(ss_ptr + row * n_groups + offs_g, tl.sum(xf * xf, axis=1), mask=g_ok)
+        return xf * w
+
+    @triton.jit
     def _int4_x_kernel(x_ptr, g_ptr, xw_ptr, xs_ptr, sx_ptr, ss_ptr, K, stride_x,
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, NORM: tl.constexpr,
                        PDL: tl.constexpr):
@@ -986,10 +995,7 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + k, mask=mask, other=0.0)
         xf = x.to(tl.float32)
         if NORM:
-            # In float32 throughout: the 16-bit codes below hold it more finely than x's dtype
-            # would (as the other GEMV kernels' fused norm, which rounds nothing either).
-            tl.store(ss_ptr + row * n_groups + offs_g, tl.sum(xf * xf, axis=1), mask=g_ok)
-            xf = xf * w
+            xf = _norm_groups(xf, w, ss_ptr, row, n_groups, offs_g, g_ok)
         plane = tl.num_programs(0).to(tl.int64) * (K // 8)
         _store_x_groups(xf, offs_g, g_ok, row, n_groups, plane, xw_ptr, xs_ptr, sx_ptr, GROUP,
                         BLOCK_G)
@@ -1023,6 +1029,8 @@ if HAS_TRITON:
         FEED_NORM: prepared for a Linear with an RMSNorm of weight fg_ptr [H], and fss_ptr gets
         the groups' sums of squares (as `_int4_x_kernel` with NORM).
         """
+        # Two calls of `_int4_dp4a_rows`: the feed programs' branch exists only with FEED_GROUP
+        # (a branch on a runtime value would be compiled whatever FEED_GROUP is).
         if FEED_GROUP > 0:
             if tl.program_id(0) >= tl.cdiv(N, BLOCK_N):
                 if SWIGLU:
@@ -1071,8 +1079,7 @@ if HAS_TRITON:
         hf = words.to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         row = tl.program_id(1)  # 0: the grid is one-dimensional
         if NORM:
-            tl.store(ss_ptr + row * n_groups + offs_g, tl.sum(hf * hf, axis=1), mask=g_ok)
-            hf = hf * w
+            hf = _norm_groups(hf, w, ss_ptr, row, n_groups, offs_g, g_ok)
         _store_x_groups(hf, offs_g, g_ok, row, n_groups, (H // 8).to(tl.int64), xw_ptr, xs_ptr,
                         sx_ptr, GROUP, BLOCK_G)
 
@@ -1789,7 +1796,7 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
     feed_norm = feed.norm_weight if feeds else None
     if feeds:
         fed = prepared_views(feed.buffer(x.device), feed.k, feed.group)
-        tags = persistent_zeros(f"int4 input link {feed.id} outputs", x.device, n_out)
+        tags = feed.tags(x.device)
     else:
         fed, tags = (planes, sums, scales, squares), sums  # not read
     fed += (out if feed_norm is None else feed_norm,)
@@ -1842,6 +1849,11 @@ class InputLink:
     def buffer(self, device: torch.device) -> torch.Tensor:
         return persistent_zeros(f"int4 input link {self.id}", device,
                                 prepared_x_numel(self.k, self.group))
+
+    def tags(self, device: torch.device) -> torch.Tensor:
+        """The int32 words [K] an int4 GEMV producer hands its outputs over in
+        (`_feed_prepare`): zero between launches."""
+        return persistent_zeros(f"int4 input link {self.id} outputs", device, self.k)
 
     @staticmethod
     def _prepared_key(x: torch.Tensor, norm_weight: Optional[torch.Tensor]) -> tuple:
