@@ -23,6 +23,7 @@ from torch import nn
 
 from tachylm.kernels import quant_matmul as qm
 from tachylm.kernels.linear import FastLinear, FusedLinear, use_fast_linears
+from tachylm.kernels.linear import mlp as linear_mlp
 from triton_interpreter import outcome, patch_interpreter, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -337,6 +338,22 @@ def test_fast_linear_is_an_nn_linear(bias):
         gate_up = plain(x)
         assert torch.allclose(layer(x, swiglu=True),
                               F.silu(gate_up[..., :12]) * gate_up[..., 12:], atol=1e-6)
+
+
+@pytest.mark.parametrize("kinds", [("fast", "fast"), ("fused", "fused"), ("fast", "fused")])
+def test_mlp_of_two_linears_equals_calling_them(kinds):
+    """`linear.mlp`: a pair of FastLinears goes through `dense_mlp` (on the CPU its two
+    `dense_linear` calls), any other pair is called as two Linears; the result is the same."""
+    torch.manual_seed(0)
+    make = {"fast": FastLinear, "fused": FusedLinear}
+    gate_up, down = make[kinds[0]](32, 48, bias=False), make[kinds[1]](24, 32, bias=False)
+    x, g = torch.randn(1, 1, 32), torch.rand(32) + 0.5
+    want = x + down(gate_up(x, norm=(g, 1e-5), swiglu=True))
+    assert torch.allclose(linear_mlp(gate_up, down, x, (g, 1e-5)), want, atol=1e-6)
+    # dense_mlp itself, off the kernel's path (CPU), is the two dense_linear calls
+    out = qm.dense_mlp(x, gate_up.weight, down.weight, norm=(g, 1e-5), residual=x)
+    assert torch.allclose(out, want, atol=1e-6)
+    assert not qm._dense_mlp_applies(x, gate_up.weight, down.weight, g, x)
 
 
 def test_dense_fusions_refuse_what_does_not_fit():
@@ -700,6 +717,14 @@ FEED_CASES = {"feed-g32-g32-w1280": (32, 32, 1280, DP4A, "norm+swiglu", False),
               "feed-g32-g64-w1088-norm": (32, 64, 1088, DP4A, "residual", True),
               "feed-g128-g32-w1056-norm-tuned": (128, 32, 1056, None, "norm+residual", True)}
 
+# A decode MLP in one launch (`_mlp_m1_kernel`): name -> (dim, ffn, outputs, config or None to
+# autotune through the dispatcher's op). Each case runs three launches in a row, so the tag the
+# hidden vector is handed over under flips between them; ffn 72 leaves ragged tiles in both phases.
+MLP = dict(BLOCK_N1=8, BLOCK_K1=32, BLOCK_N2=8, BLOCK_K2=32, STAGES=2)
+MLP_CASES = {"mlp-d64-f128": (64, 128, 64, MLP),
+             "mlp-d48-f72-n40-ragged": (48, 72, 40, dict(MLP, BLOCK_N1=4, BLOCK_K2=64)),
+             "mlp-d64-f96-tuned": (64, 96, 64, None)}
+
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
 NORM_CASES = {"norm-m1-k96-bf16": (1, 96, "bf16", "bf16"),
@@ -856,10 +881,39 @@ def _interpreter_child():
                 "dtype": str(out.dtype), "shape": list(out.shape),
                 "finite": bool(torch.isfinite(out).all()), "counters": 0}
 
+    def mlp_case(name, dim, ffn, n_out, config):
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        (gate_up,), (down,) = make_dense(2 * ffn, dim, gen), make_dense(n_out, ffn, gen)
+        norm_weight = (torch.rand(dim, generator=gen) + 0.5).to(torch.bfloat16)
+        errors, twins = [], []
+        for _ in range(3):
+            x = 3 * torch.randn(1, dim, generator=gen).to(torch.bfloat16)
+            residual = torch.randn(1, n_out, generator=gen).to(torch.bfloat16)
+            if config is None:
+                out = torch.ops.tachylm.dense_mlp(x, gate_up, down, norm_weight, EPS, residual)
+            else:
+                out = qm._mlp_gemv(x, gate_up, down, norm_weight, EPS, residual, dict(config))
+            up = qm.make_fusion((norm_weight, EPS), True, None)
+            hidden = fused_oracle("dense", x, (gate_up,), 0, None, up).to(torch.bfloat16)
+            want = fused_oracle("dense", hidden, (down,), 0, None,
+                                qm.make_fusion(None, False, residual))
+            errors.append(rel_err(out, want))
+            # the two kernels it replaces
+            two = qm._triton_linear(qm.DENSE, x, gate_up, None, None, 0, None, up)
+            two = qm._triton_linear(qm.DENSE, two, down, None, None, 0, None,
+                                    qm.make_fusion(None, False, residual))
+            twins.append(rel_err(out, two.double()))
+            finite = bool(torch.isfinite(out).all())
+        counts = qm._mlp_buffers(x.device, ffn, n_out, config)[1]
+        consumers = None if config is None else -(-n_out // config["BLOCK_N2"])
+        return {"rel": max(errors), "twin": max(twins), "finite": finite,
+                "shape": list(out.shape), "counts": counts.tolist(), "consumers": consumers}
+
     # a case that raises is reported to its parent test, which fails with the message
     results = {}
     for run, cases in ((case, CASES), (fusion_case, FUSION_CASES), (norm_case, NORM_CASES),
                        (op_case, OP_CASES), (dp4a_case, DP4A_CASES), (feed_case, FEED_CASES),
+                       (mlp_case, MLP_CASES),
                        (packed_op_case, {"op-int4-m1-packed": ()})):
         results.update({name: outcome(run, name, *args) for name, args in cases.items()})
     print(json.dumps(results))
@@ -872,10 +926,21 @@ def interpreted():
 
 @pytest.mark.parametrize("name", list(CASES) + list(OP_CASES) + list(FUSION_CASES)
                          + list(NORM_CASES) + list(DP4A_CASES) + ["op-int4-m1-packed"]
-                         + list(FEED_CASES))
+                         + list(FEED_CASES) + list(MLP_CASES))
 def test_triton_kernel_interpreted(interpreted, name):
     result = interpreted[name]
     assert "error" not in result, result.get("error")
+    if name in MLP_CASES:
+        # Three launches, each against float64 and the two kernels it replaces: a hidden value
+        # taken under the wrong tag would be a NaN. down's programs counted themselves in.
+        dim, ffn, n_out, config = MLP_CASES[name]
+        assert result["shape"] == [1, n_out] and result["finite"], result
+        assert result["rel"] < 2 * TOLERANCE["bf16"] and result["twin"] < 5e-3, result
+        if config is not None:
+            assert result["counts"] == [3 * result["consumers"]], result
+        else:  # autotuning ran each config once before the three calls of the first
+            assert sum(result["counts"]) > 0, result
+        return
     if name in FEED_CASES:
         # the producer's output is the same bits with the feed programs as without; the
         # consumer took the prepared output once and computed the bits it computes from its own
@@ -1058,6 +1123,36 @@ def test_int4_dp4a_kernels_compile_for_sm90(group):
         meta = dict(GROUP=group, BLOCK_G=1024 // group, NORM=norm, PDL=True)
         kernel = compile_(qm._int4_x_kernel, prep_types, meta, 4, 1)
         assert "st.global" in kernel.asm["ptx"]
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
+def test_mlp_kernel_compiles_for_sm90_with_both_loops_pipelined():
+    """`_mlp_m1_kernel` at each config lowers for an H100 with the weights of
+    both phases software-pipelined (the tag wait is asm, not a nested loop, which Triton would
+    not pipeline) and the wait's volatile reads in the PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    fn = qm._mlp_m1_kernel
+    types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w1_ptr": "*bf16", "w2_ptr": "*bf16",
+             "r_ptr": "*bf16", "out_ptr": "*bf16", "tag_ptr": "*i32", "cnt_ptr": "*i64",
+             "eps": "fp32"}
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("K1", "stride_w1",
+                                                                      "stride_w2")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    for slot, (bn1, bk1, bn2, bk2, nw, st) in enumerate(qm._MLP_DENSE_CONFIGS):
+        for even in (True, False):
+            meta = dict(FAST=True, PDL=True, BLOCK_N1=bn1, BLOCK_K1=bk1, BLOCK_N2=bn2,
+                        BLOCK_K2=bk2, STAGES=st, SLOT=slot, EVEN_K1=even, EVEN_K2=even)
+            sig = {name: types.get(name, "i32") for name in fn.arg_names}
+            sig.update({name: "constexpr" for name in meta})
+            kernel = triton.compile(triton.compiler.ASTSource(fn, sig, meta, attrs),
+                                    target=GPUTarget("cuda", 90, 32),
+                                    options=dict(num_warps=nw, num_stages=st))
+            ptx = kernel.asm["ptx"]
+            # two pipelined loops: async copies committed in each, several stages deep
+            commits = ptx.count("cp.async.commit_group")
+            assert commits >= 2 * (st - 1), (meta, commits)
+            assert "ld.volatile.global.b32" in ptx and "atom.global" in ptx
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend")
@@ -1388,6 +1483,52 @@ def test_cuda_dense_linear_matches_f_linear_at_8b_shapes(n, k):
         assert errors[name][0] < tol, f"{name}: (kernel, F.linear) relative errors {errors}"
     print(f"{n}x{k}: (kernel, F.linear) relative errors {errors}")
     assert _counters_sum() == 0
+
+
+@cuda
+@pytest.mark.parametrize("dim,ffn", [(4096, 14336), (4096, 11008), (256, 512)])
+def test_cuda_dense_mlp_matches_the_two_linears(dim, ffn):
+    """`dense_mlp` in one launch (8B, 7B with ragged tiles, a small model) equals gate_up then
+    down in two GEMV launches, call after call (the tag flips), autotuned and at every config,
+    eager and replayed in a CUDA graph on new inputs, against float64 too."""
+    gen = torch.Generator(device="cuda").manual_seed(dim + ffn)
+    gate_up = (torch.randn(2 * ffn, dim, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    down = (torch.randn(dim, ffn, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    norm = ((torch.rand(dim, generator=gen, device="cuda") + 0.5).to(torch.bfloat16), EPS)
+    x = torch.empty(1, dim, dtype=torch.bfloat16, device="cuda")
+
+    def new_input():
+        x.copy_(3 * torch.randn(1, dim, generator=gen, device="cuda"))
+
+    def two_kernels():
+        hidden = qm.dense_linear(x, gate_up, norm=norm, swiglu=True)
+        return qm.dense_linear(hidden, down, residual=x)
+
+    with torch.inference_mode():
+        assert qm._dense_mlp_applies(x, gate_up, down, norm[0], x)
+        for _ in range(4):
+            new_input()
+            want = two_kernels()
+            up = qm.make_fusion(norm, True, None)
+            hidden = fused_oracle("dense", x, (gate_up,), 0, None, up).to(torch.bfloat16)
+            exact = fused_oracle("dense", hidden, (down,), 0, None, qm.make_fusion(None, False, x))
+            got = qm.dense_mlp(x, gate_up, down, norm=norm, residual=x)
+            assert torch.isfinite(got).all()
+            assert rel_err(got, want.double()) < 2e-3, rel_err(got, want.double())
+            assert rel_err(got, exact) < 8e-3
+            for bn1, bk1, bn2, bk2, nw, st in qm._MLP_DENSE_CONFIGS:
+                config = dict(BLOCK_N1=bn1, BLOCK_K1=bk1, BLOCK_N2=bn2, BLOCK_K2=bk2, STAGES=st,
+                              num_warps=nw)
+                other = qm._mlp_gemv(x, gate_up, down, norm[0], EPS, x, config)
+                assert rel_err(other, want.double()) < 2e-3, config
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = qm.dense_mlp(x, gate_up, down, norm=norm, residual=x)
+        for _ in range(5):
+            new_input()
+            graph.replay()
+            want = two_kernels()
+            assert rel_err(replayed, want.double()) < 2e-3
 
 
 @cuda

@@ -31,7 +31,7 @@ from torch import nn
 
 from tachylm.config import ModelConfig, rope_frequencies
 from tachylm.kernels.attention import apply_rotary, decode_attention
-from tachylm.kernels.linear import FusedLinear
+from tachylm.kernels.linear import FusedLinear, mlp
 from tachylm.kernels.quant_matmul import rms_norm_ref
 
 if TYPE_CHECKING:  # the cache is passed in; the model only calls its update()
@@ -154,9 +154,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """x + down(SiLU(gate) * up) of norm(x): the norm, SiLU-multiply and residual add happen
-        in the projections."""
-        hidden = self.gate_up_proj(x, norm=norm.fused(), swiglu=True)  # [..., ffn_dim]
-        return self.down_proj(hidden, residual=x)
+        in the projections (for dense decode on a GPU, in one kernel: `kernels.linear.mlp`)."""
+        return mlp(self.gate_up_proj, self.down_proj, x, norm.fused())
 
 
 class Block(nn.Module):

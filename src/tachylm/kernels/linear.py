@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tachylm.kernels.quant_matmul import dense_linear, dense_linear_ref
+from tachylm.kernels.quant_matmul import dense_linear, dense_linear_ref, dense_mlp
 
 
 class FusedLinear(nn.Linear):
@@ -50,6 +50,25 @@ class FastLinear(FusedLinear):
         """As `FusedLinear.forward`."""
         return dense_linear(x, self.weight, self.bias, norm=norm, swiglu=swiglu,
                             residual=residual)
+
+
+def mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor, norm: tuple) -> torch.Tensor:
+    """A decoder layer's MLP: x + down(SiLU(gate) * up) of RMSNorm(x), where `gate_up` computes
+    [gate; up] and both are Linears taking the fusions (`FusedLinear`, a quantized Linear).
+
+    Two `FastLinear`s without bias take `dense_mlp`, one kernel for batch-1 decode on CUDA;
+    any other pair is called as two Linears.
+
+    Args:
+        gate_up, down: the MLP's projections; x: [..., dim]; norm: (weight, eps) of its RMSNorm.
+    Returns:
+        [..., dim].
+    """
+    if (type(gate_up) is FastLinear and type(down) is FastLinear and gate_up.bias is None
+            and down.bias is None):
+        return dense_mlp(x, gate_up.weight, down.weight, norm=norm, residual=x)
+    hidden = gate_up(x, norm=norm, swiglu=True)  # [..., ffn_dim]
+    return down(hidden, residual=x)
 
 
 def use_fast_linears(model: nn.Module) -> int:

@@ -180,6 +180,24 @@ _PTX_NIBBLES_SCALED_BF16 = _nibbles_ptx("0x43434343")[:-1] + """    .reg .b32 on
 # Four byte products summed into an int32: unsigned bytes of $1 (int4 codes) times signed bytes of
 # $2 (16-bit x, split into a high and a low byte), plus $3.
 _PTX_DP4A = "dp4a.u32.s32 $0, $1, $2, $3;"
+# A tagged word ($1, loaded from address $2) whose high half is not the expected tag $3 is read
+# again, through to L2 (volatile), until it is: the wait of `_mlp_m1_kernel`'s second phase. A
+# branch inside the asm keeps the kernel's loop free of a nested loop, which Triton would not
+# software-pipeline; the braces scope the labels, so the block may be inlined many times.
+_PTX_AWAIT_TAG = """{
+    .reg .pred p;
+    .reg .b32 t;
+    mov.b32 $0, $1;
+    and.b32 t, $1, 0xFFFF0000;
+    setp.eq.b32 p, t, $3;
+    @p bra DONE;
+    WAIT:
+    ld.volatile.global.b32 $0, [$2];
+    and.b32 t, $0, 0xFFFF0000;
+    setp.ne.b32 p, t, $3;
+    @p bra WAIT;
+    DONE:
+}"""
 # Columns of x one program of `_int4_x_kernel` prepares, and a feed program of
 # `_int4_dp4a_kernel`.
 _PREP_COLUMNS = 1024
@@ -464,6 +482,7 @@ if HAS_TRITON:
     _ASM_NIBBLES_TO_F16 = tl.constexpr(_PTX_NIBBLES_TO_F16)
     _ASM_NIBBLES_SCALED_BF16 = tl.constexpr(_PTX_NIBBLES_SCALED_BF16)
     _ASM_DP4A = tl.constexpr(_PTX_DP4A)
+    _ASM_AWAIT_TAG = tl.constexpr(_PTX_AWAIT_TAG)
     PREP_COLUMNS = tl.constexpr(_PREP_COLUMNS)
 
     @triton.jit
@@ -755,6 +774,123 @@ if HAS_TRITON:
         _finish(acc[:, None], tl.sum(sq_t, axis=1), offs_n, offs_m, 1, N, K, eps, pid_n, pid_k,
                 b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr, N, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1,
                 SWIGLU, SPLIT_K, PDL, BLOCK_N, 1)
+
+    @triton.jit
+    def _await_tag(words, ptrs, tag, FAST: tl.constexpr):
+        """Tagged words (int32, a 16-bit value under the tag in the high half) loaded from ptrs,
+        once each holds `tag` (int32, of words' shape): on the GPU, words of an older tag are
+        read again until their producer has written them. The interpreter runs programs one
+        after another, producers first, so a word of another tag there is a bug: it becomes
+        0x7FC0, a NaN in bfloat16 and in float16, which the tests see."""
+        if FAST:
+            return tl.inline_asm_elementwise(_ASM_AWAIT_TAG, "=r,r,l,r", [words, ptrs, tag],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            return tl.where((words & -65536) == tag, words, 0x7FC0 | tag)
+
+    @triton.jit
+    def _tagged_to_f32(words, DTYPE: tl.constexpr):
+        """The 16-bit values (DTYPE) of tagged words as float32: for bfloat16 one shift, which
+        drops the tag."""
+        if DTYPE == tl.bfloat16:
+            return (words << 16).to(tl.float32, bitcast=True)
+        else:
+            return (words & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _mlp_m1_kernel(
+        x_ptr, g_ptr, w1_ptr, w2_ptr, r_ptr, out_ptr, tag_ptr, cnt_ptr,
+        N1, K1, N2, stride_w1, stride_w2, eps,
+        FAST: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_N2: tl.constexpr,
+        BLOCK_K2: tl.constexpr, STAGES: tl.constexpr, SLOT: tl.constexpr,
+        EVEN_K1: tl.constexpr, EVEN_K2: tl.constexpr,
+    ):
+        """A decode MLP in one launch, for one row of x and dense 16-bit weights:
+        out = residual + w2 @ (SiLU(gate) * up) with [gate; up] = w1 @ RMSNorm(x) (w1 [N1 = 2H,
+        K1], w2 [N2, H], g_ptr the norm's weight).
+
+        The first cdiv(N1, BLOCK_N1) programs are gate_up's row blocks (as `_qgemv_m1_kernel`
+        with the RMSNorm prologue and the SwiGLU epilogue); they store the hidden vector h [H]
+        as tagged words: its 16-bit values under a tag in the high half. The other
+        cdiv(N2, BLOCK_N2) programs are down's row blocks. Each starts streaming its weights at
+        once and takes each tile of h as its words carry this launch's tag (`_await_tag`), so
+        down's first weights are read while gate_up's last rows are, and no kernel boundary
+        separates the two.
+
+        The tag: cnt_ptr counts down's programs over every launch (each adds one as it
+        leaves), so a launch starts with it at a multiple of C = cdiv(N2, BLOCK_N2), and every
+        program of the launch reads a count below the next multiple: gate_up's programs read it
+        before they store h, and no down program leaves before it has read all of h. Its
+        quotient's parity, as 1 or 2 in the high half, differs from the tag the words hold
+        from the launch before, and never matches zero (a fresh buffer). Launches of other
+        configs (autotuning) keep their own count and words: SLOT picks them
+        (`_mlp_buffers`). Gate_up's programs come first in the grid and wait on nothing, so
+        they all run whatever down's programs wait for.
+
+        Dense weights only: with one-byte weights (int8, fp8) the hidden vector's 4-byte words
+        weigh a quarter as much as down's weights, and on an H100 the launch was 7-11% slower
+        than the two GEMVs (BENCHMARKS.md).
+        """
+        pdl_start(PDL)
+        pid = tl.program_id(0)
+        blocks1 = tl.cdiv(N1, BLOCK_N1)
+        consumers = tl.cdiv(N2, BLOCK_N2)
+        H = N1 // 2
+        cnt_ptr += SLOT
+        tag_ptr += SLOT * H
+        # Through L2, where the counts are added, but a plain load: a volatile one would hold
+        # back the weight loads after it (3-5% slower at one-byte weights on an H100).
+        count = tl.load(cnt_ptr, cache_modifier=".cg")
+        tag = (((count // consumers) & 1) + 1).to(tl.int32) << 16
+        if pid < blocks1:
+            offs_n, rows = _row_block(pid, N1, BLOCK_N1, True)
+            offs_k = tl.arange(0, BLOCK_K1)
+            w_ptrs = w1_ptr + rows.to(tl.int64)[:, None] * stride_w1 + offs_k[None, :]
+            acc_t = tl.zeros((BLOCK_N1, BLOCK_K1), tl.float32)
+            sq_t = tl.zeros((1, BLOCK_K1), tl.float32)
+            for k0 in tl.range(0, K1, BLOCK_K1, num_stages=STAGES):
+                if EVEN_K1:
+                    wf = tl.load(w_ptrs + k0).to(tl.float32)
+                    x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, None, g_ptr, 1, False)
+                else:
+                    k_ok = (k0 + offs_k) < K1
+                    wf = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
+                    x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, g_ptr, 1, True)
+                acc_t += wf * x[None, :]
+                sq_t += (x_in * x_in)[None, :]
+            acc = tl.sum(acc_t, axis=1)
+            pdl_release(PDL)
+            acc = acc / tl.sqrt_rn(tl.sum(sq_t, axis=1) / K1 + eps)
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_N1 // 2, 2)))
+            h = (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty)
+            offs_h = pid * (BLOCK_N1 // 2) + tl.arange(0, BLOCK_N1 // 2)
+            bits = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            tl.store(tag_ptr + offs_h, bits | tag, mask=offs_h < H)
+        else:
+            # Names of their own: Triton types a name alike in both branches.
+            pid_d = pid - blocks1
+            offs_d, rows_d = _row_block(pid_d, N2, BLOCK_N2, False)
+            offs_j = tl.arange(0, BLOCK_K2)
+            w2_ptrs = w2_ptr + rows_d.to(tl.int64)[:, None] * stride_w2 + offs_j[None, :]
+            acc_d = tl.zeros((BLOCK_N2, BLOCK_K2), tl.float32)
+            tags = tl.full((BLOCK_K2,), 0, tl.int32) + tag
+            for j0 in tl.range(0, H, BLOCK_K2, num_stages=STAGES):
+                if EVEN_K2:
+                    wd = tl.load(w2_ptrs + j0).to(tl.float32)
+                    words = tl.load(tag_ptr + j0 + offs_j)
+                else:
+                    # Columns past H: weight 0 and a word that already carries the tag (value 0).
+                    j_ok = (j0 + offs_j) < H
+                    wd = tl.load(w2_ptrs + j0, mask=j_ok[None, :], other=0.0).to(tl.float32)
+                    words = tl.load(tag_ptr + j0 + offs_j, mask=j_ok, other=tag)
+                words = _await_tag(words, tag_ptr + j0 + offs_j, tags, FAST)
+                acc_d += wd * _tagged_to_f32(words, out_ptr.dtype.element_ty)[None, :]
+            out = tl.sum(acc_d, axis=1)
+            pdl_release(PDL)
+            _write_out(out[:, None], offs_d, tl.arange(0, 1), 1, N2, pid_d, out_ptr, r_ptr,
+                       out_ptr, N2, False, True, False, BLOCK_N2, 1)
+            tl.atomic_add(cnt_ptr, 1, sem="relaxed")
 
     @triton.jit
     def _int4_prescaled(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, rows, x_rows, offs_s, k_start, k_end, K,
@@ -1312,6 +1448,11 @@ _GEMM_CONFIGS = ((256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)
 # of 36 tiles (BLOCK_N 4/8/16, 128-512 words, 2-3 stages, split-K 1-2) at each Llama-3.1-8B shape
 # and groups 32 and 128 on an H100 (BENCHMARKS.md); split-K never won.
 _DP4A_CONFIGS = ((8, 256, 4, 2), (8, 256, 4, 3), (16, 256, 4, 2), (16, 128, 4, 3), (8, 512, 4, 2))
+# (BLOCK_N1, BLOCK_K1, BLOCK_N2, BLOCK_K2, num_warps, STAGES) for `_mlp_m1_kernel`, dense 2-byte
+# weights: gate_up's and down's tiles. On an H100 (32 layers of gate_up -> down in a CUDA graph,
+# BENCHMARKS.md), us a layer against 117.93 for the two GEMVs at the 8B shape and 93.94 at the 7B
+# one: 117.04 / 92.40, 116.77 / 94.21, 117.57 / 93.09; tiles of 8 x 512 for both 118.73 / 94.32.
+_MLP_DENSE_CONFIGS = ((4, 1024, 4, 1024, 4, 4), (4, 1024, 8, 512, 4, 4), (8, 512, 4, 1024, 4, 4))
 _MAX_SPLIT_K = 8
 _SPLIT_TILES_MIN = 2  # never split K into pieces of fewer BLOCK_K tiles than this
 
@@ -1462,6 +1603,17 @@ def _tuned_dp4a():
     return triton.autotune(configs=configs,
                            key=["N", "KW", "GROUP", "SWIGLU", "HAS_RESIDUAL", "FEED_GROUP"],
                            **_autotune_kwargs())(with_even)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_mlp():
+    configs = [triton.Config({"BLOCK_N1": bn1, "BLOCK_K1": bk1, "BLOCK_N2": bn2, "BLOCK_K2": bk2,
+                              "STAGES": st, "SLOT": slot}, num_warps=nw, num_stages=st)
+               for slot, (bn1, bk1, bn2, bk2, nw, st) in enumerate(_MLP_DENSE_CONFIGS)]
+    even = triton.heuristics({"EVEN_K1": lambda a: a["K1"] % a["BLOCK_K1"] == 0,
+                              "EVEN_K2": lambda a: (a["N1"] // 2) % a["BLOCK_K2"] == 0})
+    return triton.autotune(configs=configs, key=["N1", "K1", "N2"],
+                           **_autotune_kwargs())(even(_mlp_m1_kernel))
 
 
 # On by default. On an H100 (decode-8b, one process per run, same machine): bf16 184.6 against
@@ -2216,3 +2368,112 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if not _dense_gemv_applies(x, weight, bias, fusion):  # bad fusions raise in the reference
         return dense_linear_ref(x, weight, bias, norm=norm, swiglu=swiglu, residual=residual)
     return _call_op(DENSE, _dense_linear_op, x, weight.shape[0], (weight, bias), fusion)
+
+
+# ----------------------------------------------------------------------------------------------
+# A decode MLP in one launch (dense weights)
+# ----------------------------------------------------------------------------------------------
+
+def _mlp_buffers(device: torch.device, hidden: int, n_out: int,
+                 config: Optional[dict] = None) -> tuple:
+    """(tagged words [slots * hidden] int32, counts [slots] int64) of `_mlp_m1_kernel` for one
+    shape: a pair per autotuned config (`_tuned_mlp`'s SLOT), or one for an explicit
+    `config`, kept for the process's life (`persistent_zeros`) and shared by every launch of
+    that shape on the device, which the stream's order keeps apart (one stream at a time)."""
+    slots = len(_MLP_DENSE_CONFIGS) if config is None else 1
+    key = f"mlp {hidden}x{n_out} {sorted(config.items()) if config else 'tuned'}"
+    return (persistent_zeros(f"{key} tags", device, slots * hidden),
+            persistent_zeros(f"{key} counts", device, slots, torch.int64))
+
+
+def _mlp_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+              norm_weight: torch.Tensor, eps: float, residual: torch.Tensor,
+              config: Optional[dict] = None) -> torch.Tensor:
+    """One row x [1, K] -> [1, N2] through `_mlp_m1_kernel` (arguments as `dense_mlp`).
+
+    config: None to autotune; else BLOCK_N1, BLOCK_K1, BLOCK_N2, BLOCK_K2, STAGES, num_warps of
+    one launch (tests, benchmarks), with buffers of its own.
+    """
+    n1, k = gate_up.shape
+    n2, hidden = down.shape
+    out = torch.empty((1, n2), dtype=x.dtype, device=x.device)
+    tags, counts = _mlp_buffers(x.device, hidden, n2, config)
+    args = (x, norm_weight, gate_up, down, residual, out, tags, counts, n1, k, n2,
+            gate_up.stride(0), down.stride(0), eps)
+    common = dict(FAST=x.is_cuda, **pdl_launch(x.device))
+
+    def grid(meta):
+        return (triton.cdiv(n1, meta["BLOCK_N1"]) + triton.cdiv(n2, meta["BLOCK_N2"]),)
+    if config is None:
+        _tuned_mlp()[grid](*args, **common)
+    else:
+        meta = dict(config)
+        num_warps = meta.pop("num_warps", 4)
+        _mlp_m1_kernel[grid](*args, **common, **meta, SLOT=0,
+                             EVEN_K1=k % meta["BLOCK_K1"] == 0,
+                             EVEN_K2=hidden % meta["BLOCK_K2"] == 0,
+                             num_warps=num_warps, num_stages=meta["STAGES"])
+    return out
+
+
+def _dense_mlp_impl(x, gate_up, down, norm_weight, eps, residual):
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _mlp_gemv(x, gate_up, down, norm_weight.contiguous(), eps, residual.contiguous())
+
+
+_dense_mlp_op = _custom_op("dense_mlp", "(Tensor x, Tensor gate_up, Tensor down, "
+                                        "Tensor norm_weight, float eps, Tensor residual) -> Tensor",
+                           _dense_mlp_impl)
+
+
+@_dense_mlp_op.register_fake
+def _(x, gate_up, down, norm_weight, eps, residual):
+    return x.new_empty((x.shape[0], down.shape[0]))
+
+
+def _dense_mlp_applies(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                       norm_weight: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether `dense_mlp` may take `_mlp_m1_kernel`: one row of 16-bit x on CUDA, dense weights
+    of its dtype contiguous along K, shapes that chain, no autograd."""
+    if not (_use_triton(x) and x.dtype in (torch.bfloat16, torch.float16)
+            and math.prod(x.shape[:-1]) == 1):
+        return False
+    if not all(w.dim() == 2 and w.dtype == x.dtype and w.device == x.device and w.stride(1) == 1
+               and w.numel() > 0 for w in (gate_up, down)):
+        return False
+    n1, k = gate_up.shape
+    if n1 % 2 or k != x.shape[-1] or down.shape[1] != n1 // 2:
+        return False
+    if (tuple(norm_weight.shape) != (k,) or norm_weight.device != x.device
+            or residual.shape != x.shape[:-1] + (down.shape[0],) or residual.dtype != x.dtype
+            or residual.device != x.device):
+        return False
+    tensors = (x, gate_up, down, norm_weight, residual)
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def dense_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, *, norm: tuple,
+              residual: torch.Tensor) -> torch.Tensor:
+    """residual + down @ (SiLU(gate) * up), [gate; up] = gate_up @ RMSNorm(x): a decoder layer's
+    MLP, equal to `dense_linear(dense_linear(x, gate_up, norm=norm, swiglu=True), down,
+    residual=residual)`.
+
+    On CUDA, for one row of bfloat16/float16 x (batch-1 decode): one kernel
+    (`_mlp_m1_kernel`), whose down_proj programs start reading their weights while gate_up's
+    last rows are computed. Anything else: the two `dense_linear` calls.
+
+    Args:
+        x: [..., K]; gate_up: [2H, K] ([gate; up] rows); down: [N, H], in x's dtype.
+        norm: (weight [K], eps) of the RMSNorm before gate_up.
+        residual: [..., N] in x's dtype.
+    Returns:
+        [..., N] in x's dtype.
+    """
+    norm_weight, eps = norm
+    if not _dense_mlp_applies(x, gate_up, down, norm_weight, residual):
+        hidden = dense_linear(x, gate_up, norm=norm, swiglu=True)
+        return dense_linear(hidden, down, residual=residual)
+    call = _dense_mlp_op if torch.compiler.is_compiling() else _EAGER_IMPLS[_dense_mlp_op]
+    out = call(x.reshape(1, -1), gate_up, down, norm_weight, float(eps),
+               residual.reshape(1, -1))
+    return out.reshape(residual.shape)
