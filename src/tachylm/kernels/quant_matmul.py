@@ -829,7 +829,7 @@ if HAS_TRITON:
         they all run whatever down's programs wait for.
 
         Dense weights only: with one-byte weights (int8, fp8) the hidden vector's 4-byte words
-        weigh a quarter as much as down's weights, and on an H100 the launch was 7-11% slower
+        weigh a quarter as much as down's weights, and on an H100 the launch was 8-11% slower
         than the two GEMVs (BENCHMARKS.md).
         """
         pdl_start(PDL)
@@ -839,8 +839,8 @@ if HAS_TRITON:
         H = N1 // 2
         cnt_ptr += SLOT
         tag_ptr += SLOT * H
-        # Through L2, where the counts are added, but a plain load: a volatile one would hold
-        # back the weight loads after it (3-5% slower at one-byte weights on an H100).
+        # Read where the counts are added (L2, not this SM's L1, which may hold an old line); a
+        # plain load, as no ordering with the program's other loads is needed (see above).
         count = tl.load(cnt_ptr, cache_modifier=".cg")
         tag = (((count // consumers) & 1) + 1).to(tl.int32) << 16
         if pid < blocks1:
