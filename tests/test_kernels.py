@@ -723,7 +723,8 @@ FEED_CASES = {"feed-g32-g32-w1280": (32, 32, 1280, DP4A, "norm+swiglu", False),
 MLP = dict(BLOCK_N1=8, BLOCK_K1=32, BLOCK_N2=8, BLOCK_K2=32, STAGES=2)
 MLP_CASES = {"mlp-d64-f128": (64, 128, 64, MLP),
              "mlp-d48-f72-n40-ragged": (48, 72, 40, dict(MLP, BLOCK_N1=4, BLOCK_K2=64)),
-             "mlp-d64-f96-tuned": (64, 96, 64, None)}
+             "mlp-d64-f96-tuned": (64, 96, 64, None),
+             "mlp-d64-f128-fp16": (64, 128, 64, dict(MLP, BLOCK_N2=4))}
 
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
@@ -883,18 +884,20 @@ def _interpreter_child():
 
     def mlp_case(name, dim, ffn, n_out, config):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        (gate_up,), (down,) = make_dense(2 * ffn, dim, gen), make_dense(n_out, ffn, gen)
-        norm_weight = (torch.rand(dim, generator=gen) + 0.5).to(torch.bfloat16)
+        dtype = torch.float16 if name.endswith("fp16") else torch.bfloat16
+        (gate_up,), (down,) = make_dense(2 * ffn, dim, gen, dtype), make_dense(n_out, ffn, gen,
+                                                                               dtype)
+        norm_weight = (torch.rand(dim, generator=gen) + 0.5).to(dtype)
         errors, twins = [], []
         for _ in range(3):
-            x = 3 * torch.randn(1, dim, generator=gen).to(torch.bfloat16)
-            residual = torch.randn(1, n_out, generator=gen).to(torch.bfloat16)
+            x = 3 * torch.randn(1, dim, generator=gen).to(dtype)
+            residual = torch.randn(1, n_out, generator=gen).to(dtype)
             if config is None:
                 out = torch.ops.tachylm.dense_mlp(x, gate_up, down, norm_weight, EPS, residual)
             else:
                 out = qm._mlp_gemv(x, gate_up, down, norm_weight, EPS, residual, dict(config))
             up = qm.make_fusion((norm_weight, EPS), True, None)
-            hidden = fused_oracle("dense", x, (gate_up,), 0, None, up).to(torch.bfloat16)
+            hidden = fused_oracle("dense", x, (gate_up,), 0, None, up).to(dtype)
             want = fused_oracle("dense", hidden, (down,), 0, None,
                                 qm.make_fusion(None, False, residual))
             errors.append(rel_err(out, want))
@@ -907,7 +910,8 @@ def _interpreter_child():
         counts = qm._mlp_buffers(x.device, ffn, n_out, config)[1]
         consumers = None if config is None else -(-n_out // config["BLOCK_N2"])
         return {"rel": max(errors), "twin": max(twins), "finite": finite,
-                "shape": list(out.shape), "counts": counts.tolist(), "consumers": consumers}
+                "shape": list(out.shape), "counts": counts.tolist(), "consumers": consumers,
+                "dtype": str(out.dtype)}
 
     # a case that raises is reported to its parent test, which fails with the message
     results = {}
@@ -934,7 +938,9 @@ def test_triton_kernel_interpreted(interpreted, name):
         # Three launches, each against float64 and the two kernels it replaces: a hidden value
         # taken under the wrong tag would be a NaN. down's programs counted themselves in.
         dim, ffn, n_out, config = MLP_CASES[name]
+        dtype = "fp16" if name.endswith("fp16") else "bf16"
         assert result["shape"] == [1, n_out] and result["finite"], result
+        assert result["dtype"] == str(DTYPES[dtype]), result
         assert result["rel"] < 2 * TOLERANCE["bf16"] and result["twin"] < 5e-3, result
         if config is not None:
             assert result["counts"] == [3 * result["consumers"]], result
