@@ -356,6 +356,21 @@ def test_mlp_of_two_linears_equals_calling_them(kinds):
     assert not qm._dense_mlp_applies(x, gate_up.weight, down.weight, g, x)
 
 
+def test_use_mlp_launch_switches_the_one_launch_mlp():
+    """By default the one-launch MLP is on for the card it was measured faster on (an H100);
+    `use_mlp_launch` forces it on or off everywhere (checked without a GPU: the forced answers
+    never ask the device)."""
+    card = torch.device("cuda", 0)
+    try:
+        qm.use_mlp_launch(False)
+        assert not qm._mlp_launch_on(card)
+        qm.use_mlp_launch(True)
+        assert qm._mlp_launch_on(card)
+    finally:
+        qm.use_mlp_launch(None)
+    assert qm._MLP_LAUNCH["enabled"] is None
+
+
 def test_dense_fusions_refuse_what_does_not_fit():
     # A residual of the wrong shape would broadcast silently; a clear error names it instead.
     layer = FusedLinear(40, 24)
@@ -1510,6 +1525,14 @@ def test_cuda_dense_mlp_matches_the_two_linears(dim, ffn):
         hidden = qm.dense_linear(x, gate_up, norm=norm, swiglu=True)
         return qm.dense_linear(hidden, down, residual=x)
 
+    qm.use_mlp_launch(True)  # whatever the card (by default, an H100's only)
+    try:
+        _dense_mlp_rounds(x, gate_up, down, norm, new_input, two_kernels)
+    finally:
+        qm.use_mlp_launch(None)
+
+
+def _dense_mlp_rounds(x, gate_up, down, norm, new_input, two_kernels):
     with torch.inference_mode():
         assert qm._dense_mlp_applies(x, gate_up, down, norm[0], x)
         for _ in range(4):

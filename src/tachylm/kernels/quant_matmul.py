@@ -2431,12 +2431,36 @@ def _(x, gate_up, down, norm_weight, eps, residual):
     return x.new_empty((x.shape[0], down.shape[0]))
 
 
+# None: the one-launch MLP where it was measured faster than the two GEMVs, on an H100
+# (decode-8b bf16 189.1-189.5 against 187.6-187.9 tokens/s). On an H200 it was slower (248.9
+# against 254.2), and other cards were not measured, so they keep the two GEMVs
+# (BENCHMARKS.md). True / False: on / off everywhere (`use_mlp_launch`).
+_MLP_LAUNCH = {"enabled": None}
+
+
+def use_mlp_launch(enabled: Optional[bool]) -> None:
+    """Take the one-launch decode MLP (`dense_mlp`) everywhere (True), nowhere (False), or on the
+    cards where it was measured faster (None, the default: an H100)."""
+    _MLP_LAUNCH["enabled"] = None if enabled is None else bool(enabled)
+
+
+@functools.lru_cache(maxsize=None)
+def _mlp_launch_measured_faster(device: torch.device) -> bool:
+    return "H100" in torch.cuda.get_device_name(device)
+
+
+def _mlp_launch_on(device: torch.device) -> bool:
+    enabled = _MLP_LAUNCH["enabled"]
+    return _mlp_launch_measured_faster(device) if enabled is None else enabled
+
+
 def _dense_mlp_applies(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                        norm_weight: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether `dense_mlp` may take `_mlp_m1_kernel`: one row of 16-bit x on CUDA, dense weights
-    of its dtype contiguous along K, shapes that chain, no autograd."""
+    """Whether `dense_mlp` takes `_mlp_m1_kernel`: one row of 16-bit x on CUDA, dense weights of
+    its dtype contiguous along K, shapes that chain, no autograd, and a card it is on for
+    (`use_mlp_launch`)."""
     if not (_use_triton(x) and x.dtype in (torch.bfloat16, torch.float16)
-            and math.prod(x.shape[:-1]) == 1):
+            and math.prod(x.shape[:-1]) == 1 and _mlp_launch_on(x.device)):
         return False
     if not all(w.dim() == 2 and w.dtype == x.dtype and w.device == x.device and w.stride(1) == 1
                and w.numel() > 0 for w in (gate_up, down)):
@@ -2458,9 +2482,10 @@ def dense_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, *, nor
     MLP, equal to `dense_linear(dense_linear(x, gate_up, norm=norm, swiglu=True), down,
     residual=residual)`.
 
-    On CUDA, for one row of bfloat16/float16 x (batch-1 decode): one kernel
-    (`_mlp_m1_kernel`), whose down_proj programs start reading their weights while gate_up's
-    last rows are computed. Anything else: the two `dense_linear` calls.
+    On CUDA, for one row of bfloat16/float16 x (batch-1 decode), on the cards where it pays
+    (`use_mlp_launch`): one kernel (`_mlp_m1_kernel`), whose down_proj programs start reading
+    their weights while gate_up's last rows are computed. Anything else: the two
+    `dense_linear` calls.
 
     Args:
         x: [..., K]; gate_up: [2H, K] ([gate; up] rows); down: [N, H], in x's dtype.
