@@ -357,9 +357,9 @@ def test_mlp_of_two_linears_equals_calling_them(kinds):
 
 
 def test_use_mlp_launch_switches_the_one_launch_mlp():
-    """By default the one-launch MLP is on for the card it was measured faster on (an H100);
-    `use_mlp_launch` forces it on or off everywhere (checked without a GPU: the forced answers
-    never ask the device)."""
+    """By default the one-launch MLP is on for the card it was measured faster on (an H100),
+    never off CUDA; `use_mlp_launch` forces it on or off everywhere (the forced answers never
+    ask the device, so this runs without a GPU)."""
     card = torch.device("cuda", 0)
     try:
         qm.use_mlp_launch(False)
@@ -369,6 +369,7 @@ def test_use_mlp_launch_switches_the_one_launch_mlp():
     finally:
         qm.use_mlp_launch(None)
     assert qm._MLP_LAUNCH["enabled"] is None
+    assert not qm._mlp_launch_on(torch.device("cpu"))
 
 
 def test_dense_fusions_refuse_what_does_not_fit():
@@ -739,7 +740,9 @@ MLP = dict(BLOCK_N1=8, BLOCK_K1=32, BLOCK_N2=8, BLOCK_K2=32, STAGES=2)
 MLP_CASES = {"mlp-d64-f128": (64, 128, 64, MLP),
              "mlp-d48-f72-n40-ragged": (48, 72, 40, dict(MLP, BLOCK_N1=4, BLOCK_K2=64)),
              "mlp-d64-f96-tuned": (64, 96, 64, None),
-             "mlp-d64-f128-fp16": (64, 128, 64, dict(MLP, BLOCK_N2=4))}
+             "mlp-d64-f128-fp16": (64, 128, 64, dict(MLP, BLOCK_N2=4)),
+             # the op on a card the launch is off for: the two GEMVs, no count
+             "mlp-d64-f80-tuned-launch-off": (64, 80, 64, None)}
 
 # The standalone RMSNorm kernel (the tensor-core kernels' norm, on CUDA): name -> (M, K, x dtype,
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
@@ -898,6 +901,8 @@ def _interpreter_child():
                 "finite": bool(torch.isfinite(out).all()), "counters": 0}
 
     def mlp_case(name, dim, ffn, n_out, config):
+        # the op takes the kernel on any device (by default, an H100's), or never
+        qm.use_mlp_launch(not name.endswith("launch-off"))
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         dtype = torch.float16 if name.endswith("fp16") else torch.bfloat16
         (gate_up,), (down,) = make_dense(2 * ffn, dim, gen, dtype), make_dense(n_out, ffn, gen,
@@ -959,6 +964,8 @@ def test_triton_kernel_interpreted(interpreted, name):
         assert result["rel"] < 2 * TOLERANCE["bf16"] and result["twin"] < 5e-3, result
         if config is not None:
             assert result["counts"] == [3 * result["consumers"]], result
+        elif name.endswith("launch-off"):
+            assert sum(result["counts"]) == 0, result
         else:  # autotuning ran each config once before the three calls of the first
             assert sum(result["counts"]) > 0, result
         return

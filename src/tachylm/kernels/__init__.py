@@ -27,8 +27,8 @@ from tachylm.kernels.topk import topk_sample, topk_sample_ref
 def custom_ops() -> tuple:
     """The torch.library operators tachylm's kernels register (opaque to torch.compile)."""
     ops = torch.ops.tachylm
-    return (ops.dense_linear.default, ops.dense_mlp.default, ops.int8_linear.default, ops.fp8_linear.default,
-            ops.int4_linear.default, ops.rms_norm.default, ops.decode_attention.default,
+    return (ops.dense_linear.default, ops.dense_mlp.default, ops.int8_linear.default,
+            ops.fp8_linear.default, ops.int4_linear.default, ops.rms_norm.default, ops.decode_attention.default,
             ops.decode_attention_write.default, ops.topk_sample.default,
             ops.topk_sample_feed.default)
 

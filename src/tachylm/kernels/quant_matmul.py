@@ -2417,8 +2417,15 @@ def _mlp_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
 
 
 def _dense_mlp_impl(x, gate_up, down, norm_weight, eps, residual):
+    # The card is asked here, when the op runs (or is captured), not where torch.compile traces.
+    norm_weight, residual = norm_weight.contiguous(), residual.contiguous()
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        return _mlp_gemv(x, gate_up, down, norm_weight.contiguous(), eps, residual.contiguous())
+        if _mlp_launch_on(x.device):
+            return _mlp_gemv(x, gate_up, down, norm_weight, eps, residual)
+        hidden = _triton_linear(DENSE, x, gate_up, None, None, 0, None,
+                                Fusion(norm_weight, eps, True, None))
+        return _triton_linear(DENSE, hidden, down, None, None, 0, None,
+                              Fusion(None, 0.0, False, residual))
 
 
 _dense_mlp_op = _custom_op("dense_mlp", "(Tensor x, Tensor gate_up, Tensor down, "
@@ -2446,7 +2453,7 @@ def use_mlp_launch(enabled: Optional[bool]) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _mlp_launch_measured_faster(device: torch.device) -> bool:
-    return "H100" in torch.cuda.get_device_name(device)
+    return device.type == "cuda" and "H100" in torch.cuda.get_device_name(device)
 
 
 def _mlp_launch_on(device: torch.device) -> bool:
@@ -2456,11 +2463,11 @@ def _mlp_launch_on(device: torch.device) -> bool:
 
 def _dense_mlp_applies(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                        norm_weight: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether `dense_mlp` takes `_mlp_m1_kernel`: one row of 16-bit x on CUDA, dense weights of
-    its dtype contiguous along K, shapes that chain, no autograd, and a card it is on for
-    (`use_mlp_launch`)."""
+    """Whether `dense_mlp` takes its op: one row of 16-bit x on CUDA, dense weights of its
+    dtype contiguous along K, shapes that chain, no autograd. The op runs `_mlp_m1_kernel` on
+    the cards it is on for (`use_mlp_launch`), else the two GEMVs."""
     if not (_use_triton(x) and x.dtype in (torch.bfloat16, torch.float16)
-            and math.prod(x.shape[:-1]) == 1 and _mlp_launch_on(x.device)):
+            and math.prod(x.shape[:-1]) == 1):
         return False
     if not all(w.dim() == 2 and w.dtype == x.dtype and w.device == x.device and w.stride(1) == 1
                and w.numel() > 0 for w in (gate_up, down)):
@@ -2484,8 +2491,8 @@ def dense_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, *, nor
 
     On CUDA, for one row of bfloat16/float16 x (batch-1 decode), on the cards where it pays
     (`use_mlp_launch`): one kernel (`_mlp_m1_kernel`), whose down_proj programs start reading
-    their weights while gate_up's last rows are computed. Anything else: the two
-    `dense_linear` calls.
+    their weights while gate_up's last rows are computed; on other cards the two GEMV kernels
+    `dense_linear` would launch. Anything else: the two `dense_linear` calls.
 
     Args:
         x: [..., K]; gate_up: [2H, K] ([gate; up] rows); down: [N, H], in x's dtype.
