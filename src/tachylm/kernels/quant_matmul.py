@@ -798,6 +798,14 @@ if HAS_TRITON:
             return (words & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
 
     @triton.jit
+    def _tag_outputs(tag_ptr, stored, idx, mask, tag):
+        """Store 16-bit values as tagged words: their bits under `tag` (int32, a nonzero high
+        half) at tag_ptr + idx, so a word is never zero (`_feed_prepare` waits for nonzero
+        words, `_await_tag` for this tag)."""
+        bits = stored.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        tl.store(tag_ptr + idx, bits | tag, mask=mask)
+
+    @triton.jit
     def _mlp_m1_kernel(
         x_ptr, g_ptr, w1_ptr, w2_ptr, r_ptr, out_ptr, tag_ptr, cnt_ptr,
         N1, K1, N2, stride_w1, stride_w2, eps,
@@ -865,8 +873,7 @@ if HAS_TRITON:
             gate, up = tl.split(tl.reshape(acc, (BLOCK_N1 // 2, 2)))
             h = (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty)
             offs_h = pid * (BLOCK_N1 // 2) + tl.arange(0, BLOCK_N1 // 2)
-            bits = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            tl.store(tag_ptr + offs_h, bits | tag, mask=offs_h < H)
+            _tag_outputs(tag_ptr, h, offs_h, offs_h < H, tag)
         else:
             # Names of their own: Triton types a name alike in both branches.
             pid_d = pid - blocks1
@@ -1212,18 +1219,12 @@ if HAS_TRITON:
         while tl.min(tl.min(words, axis=1), axis=0) == 0:
             words = tl.load(tag_ptr + k, mask=mask, other=1, volatile=True)
         tl.store(tag_ptr + k, tl.zeros_like(words), mask=mask)  # ready for the next launch
-        hf = words.to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        hf = _tagged_to_f32(words, out_ptr.dtype.element_ty)
         row = tl.program_id(1)  # 0: the grid is one-dimensional
         if NORM:
             hf = _norm_groups(hf, w, ss_ptr, row, n_groups, offs_g, g_ok)
         _store_x_groups(hf, offs_g, g_ok, row, n_groups, (H // 8).to(tl.int64), xw_ptr, xs_ptr,
                         sx_ptr, GROUP, BLOCK_G)
-
-    @triton.jit
-    def _tag_outputs(tag_ptr, stored, idx, mask):
-        """Store 16-bit outputs as words that are never zero (bits | 1 << 16): `_feed_prepare`."""
-        bits = stored.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        tl.store(tag_ptr + idx, bits | 0x10000, mask=mask)
 
     @triton.jit
     def _int4_dp4a_rows(xw_ptr, xs_ptr, sx_ptr, ss_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr,
@@ -1290,7 +1291,7 @@ if HAS_TRITON:
                                        b_ptr, r_ptr, out_ptr, N, HAS_BIAS, HAS_RESIDUAL, SWIGLU,
                                        BLOCK_N, 1)
         if FEED:
-            _tag_outputs(tag_ptr, stored, idx, mask)
+            _tag_outputs(tag_ptr, stored, idx, mask, 0x10000)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
