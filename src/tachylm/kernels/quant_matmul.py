@@ -726,6 +726,37 @@ if HAS_TRITON:
             return k_start, tl.minimum(K, k_start + per_split)
 
     @triton.jit
+    def _row_dots(w_ptr, rows, stride_wn, x_ptr, g_ptr, k_start, k_end, K, SCHEME: tl.constexpr,
+                  FAST: tl.constexpr, PROLOGUE: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        """The one-row GEMV loop: weight rows `rows` (int8, fp8 or dense, `_rowwise_to_f32`)
+        against the prologue of one row of x (`_load_x`) over columns [k_start, k_end), in
+        [BLOCK_N, BLOCK_K] float32 tiles of multiply-adds reduced once at the end. Returns the
+        unscaled products [BLOCK_N] and, with PROLOGUE 1, x^2 summed per column of the tile
+        [1, BLOCK_K] (the RMSNorm's sum of squares once reduced, which the callers leave to
+        their epilogues). Without EVEN_K the columns past K are masked."""
+        offs_k = tl.arange(0, BLOCK_K)
+        # 64-bit row offsets: N * K may pass 2**31 (a 128k-vocab head at K = 16384).
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        sq_t = tl.zeros((1, BLOCK_K), tl.float32)  # RMSNorm: x^2 summed per column of the tile
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            if EVEN_K:
+                wf = _rowwise_to_f32(tl.load(w_ptrs + k0), SCHEME, FAST)
+                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, None, g_ptr, PROLOGUE, False)
+            else:
+                # No `other` for the weight (fp8 has no literal zero to fill with); the ragged
+                # columns are zeroed after conversion (an fp8 NaN pattern times 0 is NaN).
+                k_ok = (k0 + offs_k) < K
+                wf = _rowwise_to_f32(tl.load(w_ptrs + k0, mask=k_ok[None, :]), SCHEME, FAST)
+                wf = tl.where(k_ok[None, :], wf, 0.0)
+                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, g_ptr, PROLOGUE, True)
+            acc_t += wf * x[None, :]
+            if PROLOGUE == 1:
+                sq_t += (x_in * x_in)[None, :]
+        return tl.sum(acc_t, axis=1), sq_t
+
+    @triton.jit
     def _qgemv_m1_kernel(
         x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, K, stride_wn, eps,
@@ -748,26 +779,8 @@ if HAS_TRITON:
         pid_k = tl.program_id(1)
         offs_n, rows = _row_block(pid_n, N, BLOCK_N, SWIGLU)
         k_start, k_end = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
-        offs_k = tl.arange(0, BLOCK_K)
-        # 64-bit row offsets: N * K may pass 2**31 (a 128k-vocab head at K = 16384).
-        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
-        acc_t = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        sq_t = tl.zeros((1, BLOCK_K), tl.float32)  # RMSNorm: x^2 summed per column of the tile
-        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-            if EVEN_K:
-                wf = _rowwise_to_f32(tl.load(w_ptrs + k0), SCHEME, FAST)
-                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, None, g_ptr, PROLOGUE, False)
-            else:
-                # No `other` for the weight (fp8 has no literal zero to fill with); the ragged
-                # columns are zeroed after conversion (an fp8 NaN pattern times 0 is NaN).
-                k_ok = (k0 + offs_k) < K
-                wf = _rowwise_to_f32(tl.load(w_ptrs + k0, mask=k_ok[None, :]), SCHEME, FAST)
-                wf = tl.where(k_ok[None, :], wf, 0.0)
-                x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, g_ptr, PROLOGUE, True)
-            acc_t += wf * x[None, :]
-            if PROLOGUE == 1:
-                sq_t += (x_in * x_in)[None, :]
-        acc = tl.sum(acc_t, axis=1)
+        acc, sq_t = _row_dots(w_ptr, rows, stride_wn, x_ptr, g_ptr, k_start, k_end, K, SCHEME,
+                              FAST, PROLOGUE, EVEN_K, BLOCK_N, BLOCK_K, STAGES)
         if SCHEME != 3:
             acc = acc * tl.load(s_ptr + rows).to(tl.float32)
         offs_m = tl.arange(0, 1)
@@ -853,21 +866,8 @@ if HAS_TRITON:
         tag = (((count // consumers) & 1) + 1).to(tl.int32) << 16
         if pid < blocks1:
             offs_n, rows = _row_block(pid, N1, BLOCK_N1, True)
-            offs_k = tl.arange(0, BLOCK_K1)
-            w_ptrs = w1_ptr + rows.to(tl.int64)[:, None] * stride_w1 + offs_k[None, :]
-            acc_t = tl.zeros((BLOCK_N1, BLOCK_K1), tl.float32)
-            sq_t = tl.zeros((1, BLOCK_K1), tl.float32)
-            for k0 in tl.range(0, K1, BLOCK_K1, num_stages=STAGES):
-                if EVEN_K1:
-                    wf = tl.load(w_ptrs + k0).to(tl.float32)
-                    x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, None, g_ptr, 1, False)
-                else:
-                    k_ok = (k0 + offs_k) < K1
-                    wf = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
-                    x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, g_ptr, 1, True)
-                acc_t += wf * x[None, :]
-                sq_t += (x_in * x_in)[None, :]
-            acc = tl.sum(acc_t, axis=1)
+            acc, sq_t = _row_dots(w1_ptr, rows, stride_w1, x_ptr, g_ptr, 0, K1, K1, 3, FAST, 1,
+                                  EVEN_K1, BLOCK_N1, BLOCK_K1, STAGES)
             pdl_release(PDL)
             acc = acc / tl.sqrt_rn(tl.sum(sq_t, axis=1) / K1 + eps)
             gate, up = tl.split(tl.reshape(acc, (BLOCK_N1 // 2, 2)))
