@@ -1818,14 +1818,23 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
 def _launch(kernel, tuned: tuple, grid, args: tuple, common: dict, config: Optional[dict],
             k: int) -> None:
     """Launch the autotuned `_tuned_kernel(*tuned)` when config is None, else `kernel` with that
-    one config (its meta-parameters, num_warps, and STAGES as the pipelining depth)."""
+    one config (`_run`)."""
+    _run(lambda: _tuned_kernel(*tuned), kernel, grid, args, common, config,
+         lambda meta: {"EVEN_K": k % _block_k(meta) == 0})
+
+
+def _run(tuned, kernel, grid, args: tuple, common: dict, config: Optional[dict], flags) -> None:
+    """Launch the autotuned kernel `tuned()` returns when config is None, else `kernel` with that
+    one config: its meta-parameters, num_warps, STAGES as the pipelining depth, and the
+    heuristic flags `flags(meta)` returns for them (what the autotuned kernel's heuristics
+    would set)."""
     if config is None:
-        _tuned_kernel(*tuned)[grid](*args, **common)
+        tuned()[grid](*args, **common)
         return
     meta = dict(config)
     num_warps = meta.pop("num_warps", 4)
-    meta["EVEN_K"] = k % _block_k(meta) == 0
-    kernel[grid](*args, **common, **meta, num_warps=num_warps, num_stages=meta["STAGES"])
+    kernel[grid](*args, **common, **meta, **flags(meta), num_warps=num_warps,
+                 num_stages=meta["STAGES"])
 
 
 def _gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -1963,13 +1972,8 @@ def _int4_dp4a_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Te
                   FEED_GROUP=feed.group if feeds else 0, FEED_NORM=feed_norm is not None,
                   **pdl)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) + feed_programs,)  # noqa: E731
-    if config is None:
-        _tuned_dp4a()[grid](*args, **common)
-    else:
-        meta = dict(config)
-        num_warps = meta.pop("num_warps", 4)
-        _int4_dp4a_kernel[grid](*args, **common, **meta, EVEN_K=words % meta["BLOCK_W"] == 0,
-                                num_warps=num_warps, num_stages=meta["STAGES"])
+    _run(_tuned_dp4a, _int4_dp4a_kernel, grid, args, common, config,
+         lambda meta: {"EVEN_K": words % meta["BLOCK_W"] == 0})
     if feeds:
         feed.offer(out, feed_norm)
     return out
@@ -2405,15 +2409,9 @@ def _mlp_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
 
     def grid(meta):
         return (triton.cdiv(n1, meta["BLOCK_N1"]) + triton.cdiv(n2, meta["BLOCK_N2"]),)
-    if config is None:
-        _tuned_mlp()[grid](*args, **common)
-    else:
-        meta = dict(config)
-        num_warps = meta.pop("num_warps", 4)
-        _mlp_m1_kernel[grid](*args, **common, **meta, SLOT=0,
-                             EVEN_K1=k % meta["BLOCK_K1"] == 0,
-                             EVEN_K2=hidden % meta["BLOCK_K2"] == 0,
-                             num_warps=num_warps, num_stages=meta["STAGES"])
+    _run(_tuned_mlp, _mlp_m1_kernel, grid, args, common, config,
+         lambda meta: {"SLOT": 0, "EVEN_K1": k % meta["BLOCK_K1"] == 0,
+                       "EVEN_K2": hidden % meta["BLOCK_K2"] == 0})
     return out
 
 
