@@ -900,9 +900,16 @@ def _interpreter_child():
                 "dtype": str(out.dtype), "shape": list(out.shape),
                 "finite": bool(torch.isfinite(out).all()), "counters": 0}
 
-    def mlp_case(name, dim, ffn, n_out, config):
-        # the op takes the kernel on any device (by default, an H100's), or never
+    def mlp_case(name, *args):
+        # the op takes the kernel on any device (by default, an H100's), or never; the default
+        # is restored for the cases after
         qm.use_mlp_launch(not name.endswith("launch-off"))
+        try:
+            return mlp_launch_case(name, *args)
+        finally:
+            qm.use_mlp_launch(None)
+
+    def mlp_launch_case(name, dim, ffn, n_out, config):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         dtype = torch.float16 if name.endswith("fp16") else torch.bfloat16
         (gate_up,), (down,) = make_dense(2 * ffn, dim, gen, dtype), make_dense(n_out, ffn, gen,

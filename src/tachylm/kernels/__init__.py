@@ -28,9 +28,9 @@ def custom_ops() -> tuple:
     """The torch.library operators tachylm's kernels register (opaque to torch.compile)."""
     ops = torch.ops.tachylm
     return (ops.dense_linear.default, ops.dense_mlp.default, ops.int8_linear.default,
-            ops.fp8_linear.default, ops.int4_linear.default, ops.rms_norm.default, ops.decode_attention.default,
-            ops.decode_attention_write.default, ops.topk_sample.default,
-            ops.topk_sample_feed.default)
+            ops.fp8_linear.default, ops.int4_linear.default, ops.rms_norm.default,
+            ops.decode_attention.default, ops.decode_attention_write.default,
+            ops.topk_sample.default, ops.topk_sample_feed.default)
 
 
 __all__ = [
