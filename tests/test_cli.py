@@ -37,11 +37,24 @@ def test_chat_reads_turns_until_eof(monkeypatch, capsys):
     (["generate", "x", "--dtype", "float8"], "unknown dtype"),
     (["generate", "x", "--max-seq-len", "1"], "max-seq-len"),
     (["generate", "x", "--model", "not a model"], "smollm2-135m-instruct"),
+    (["generate", "x", "-n", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["chat", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1, got -3"),
 ])
 def test_bad_input_gives_one_clear_line(argv, message, capsys):
     assert main(argv + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["generate", "x"], ["chat"]])
+def test_bad_length_refused_before_the_model_loads(command, monkeypatch, capsys):
+    """A chat with -n 0 used to load the model, show its prompt and fail at the first turn."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr("tachylm.cli.api.Engine.load", no_load)
+    assert main(command + ["-n", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens must be at least 1" in err and "Chat with the model" not in err
 
 
 def test_not_a_gguf_file(tmp_path, capsys):

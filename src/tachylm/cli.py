@@ -56,6 +56,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int) -> None
 
 
 def _sampling(args) -> api.SamplingParams:
+    """The sampling options, checked before the model loads (as --max-new-tokens is)."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return api.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                               seed=args.seed)
