@@ -56,7 +56,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int) -> None
 
 
 def _sampling(args) -> api.SamplingParams:
-    """The sampling options, checked before the model loads (as --max-new-tokens is)."""
+    """The sampling options and the --max-new-tokens budget, both checked before the model
+    loads (`Generation` checks the budget again for callers of the API)."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return api.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
