@@ -160,8 +160,10 @@ def chosen_config(scheme: str, m: int, kind: str = "") -> str:
         return f"dp4a BN{kw['BLOCK_N']} W{kw['BLOCK_W']} w{config.num_warps} st{kw['STAGES']}"
     kind = kind or qm._kernel_kind(scheme_id, m)
     args = (scheme_id, kind, group_of(scheme), m == 1)
-    if scheme == "int4" and "prescale" in inspect.signature(qm._tuned_kernel.__wrapped__).parameters:
-        args += (True,)  # bfloat16 x may take the PRESCALE configs (absent from older trees)
+    if kind == "dot" and "prescale" in inspect.signature(qm._tuned_kernel.__wrapped__).parameters:
+        # as `_gemv` passes it for this kernel (bfloat16 x: int4 may take the PRESCALE configs),
+        # so the cached autotuner is the one that ran (absent from older trees)
+        args += (scheme == "int4",)
     config = qm._tuned_kernel(*args).best_config
     kw = config.kwargs
     tile = f"BK{kw['BLOCK_K']}" if kind == "m1" else f"SUB{kw['SUB_K']}x{kw['K_SLICES']}"
