@@ -92,12 +92,14 @@ EPS = 1e-5
 
 def make_fusion_inputs(kind, m, n, k, dtype, gen):
     """x and the fusion of one case: kind names its parts, "+"-joined: "norm", "swiglu",
-    "residual" (e.g. "norm+swiglu", gate_up's fusion)."""
+    "residual" (e.g. "norm+swiglu", gate_up's fusion); "unitnorm" is the norm without a weight
+    (an empty one: folded into the layer's weight)."""
     x = torch.randn(m, k, generator=gen).to(dtype)
     norm = None
     if "norm" in kind:
         x = x * 3  # RMS away from 1, so a missing 1/rms shows
-        norm = ((torch.rand(k, generator=gen) + 0.5).to(dtype), EPS)
+        weight = (torch.empty(0) if "unitnorm" in kind else torch.rand(k, generator=gen) + 0.5)
+        norm = (weight.to(dtype), EPS)
     swiglu = "swiglu" in kind
     residual = None
     if "residual" in kind:
@@ -110,7 +112,8 @@ def fused_oracle(scheme, x, weights, group, bias, fusion):
     x = x.double()
     if fusion.norm_weight is not None:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fusion.eps)
-        x = x * fusion.norm_weight.double()
+        if fusion.norm_weight.numel():
+            x = x * fusion.norm_weight.double()
     y = oracle(scheme, x, weights, group, bias)
     if fusion.swiglu:
         gate, up = y.chunk(2, dim=-1)
@@ -697,6 +700,15 @@ for _scheme in ("int8", "fp8", "dense", "int4"):
                                                           None, K)
     FUSION_CASES[f"{_scheme}-m2-swiglu+residual-evenK"] = (
         _scheme, 2, "swiglu+residual", _group, {**_dot, "SPLIT_K": 1}, 128)
+    # The norm without a weight (a folded norm: PROLOGUE 2), in both kernels and around cuBLAS.
+    for _split in (1, 2):
+        if _scheme != "int4":
+            FUSION_CASES[f"{_scheme}-m1-unitnorm+swiglu-split{_split}"] = (
+                _scheme, 1, "unitnorm+swiglu", _group, {**M1, "SPLIT_K": _split}, K)
+        FUSION_CASES[f"{_scheme}-m3-unitnorm-split{_split}"] = (
+            _scheme, 3, "unitnorm", _group, {**_dot, "SPLIT_K": _split}, K)
+    FUSION_CASES[f"{_scheme}-m20-unitnorm+swiglu-unfused"] = (_scheme, 20, "unitnorm+swiglu",
+                                                              _group, None, K)
 for _kind in ("norm", "swiglu", "norm+swiglu", "norm+residual"):
     FUSION_CASES[f"dense-m1-{_kind}-evenK"] = ("dense", 1, _kind, 0, {**M1, "SPLIT_K": 2}, 128)
 _pre = {**DOT, "SUB_K": 64, "K_SLICES": 2, "PRESCALE": True}
@@ -748,7 +760,8 @@ MLP_CASES = {"mlp-d64-f128": (64, 128, 64, MLP),
 # weight dtype). K = 96 leaves a masked tail of the row's block; a float32 weight promotes.
 NORM_CASES = {"norm-m1-k96-bf16": (1, 96, "bf16", "bf16"),
               "norm-m3-k4096-bf16": (3, 4096, "bf16", "bf16"),
-              "norm-m2-k96-fp16-f32weight": (2, 96, "fp16", "fp32")}
+              "norm-m2-k96-fp16-f32weight": (2, 96, "fp16", "fp32"),
+              "norm-m2-k96-bf16-noweight": (2, 96, "bf16", "none")}
 
 # Relative error against float64 is the rounding of the output to x's dtype; the interpreter
 # truncates float32 -> bfloat16 (the GPU rounds to nearest), about 3.5e-3 instead of 1.7e-3.
@@ -803,10 +816,15 @@ def _interpreter_child():
     def norm_case(name, m, k, dtype, wdtype):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         x = (3 * torch.randn(m, k, generator=gen)).to(DTYPES[dtype])
-        weight = (torch.rand(k, generator=gen) + 0.5).to(DTYPES[wdtype])
+        if wdtype == "none":  # no weight: an empty one (a folded norm)
+            weight = torch.empty(0, dtype=x.dtype)
+        else:
+            weight = (torch.rand(k, generator=gen) + 0.5).to(DTYPES[wdtype])
         out = qm.rms_norm_triton(x, weight, EPS)
         want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + EPS)
-        return {"rel": rel_err(out, want * weight.double()), "dtype": str(out.dtype),
+        if weight.numel():
+            want = want * weight.double()
+        return {"rel": rel_err(out, want), "dtype": str(out.dtype),
                 "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
                 "counters": 0,
                 "same_as_ref": rel_err(out, qm.rms_norm_ref(x, weight, EPS).double())}
@@ -1002,7 +1020,8 @@ def test_triton_kernel_interpreted(interpreted, name):
     if name in NORM_CASES:
         m, k, dtype, wdtype = NORM_CASES[name]
         assert result["shape"] == [m, k]
-        assert result["dtype"] == str(torch.promote_types(DTYPES[dtype], DTYPES[wdtype]))
+        wtype = DTYPES[dtype] if wdtype == "none" else DTYPES[wdtype]
+        assert result["dtype"] == str(torch.promote_types(DTYPES[dtype], wtype))
         assert result["finite"]
         # x / rms is rounded to x's dtype before the weight, as the reference does: one rounding
         # (twice the bound: the interpreter truncates), and no more than that from the reference
@@ -1312,7 +1331,8 @@ def test_cuda_dispatch_matches_float64(scheme, m):
 
 @cuda
 @pytest.mark.parametrize("m", [1, 4, 40])
-@pytest.mark.parametrize("kind", ["norm", "swiglu", "norm+swiglu", "norm+residual", "residual"])
+@pytest.mark.parametrize("kind", ["norm", "swiglu", "norm+swiglu", "norm+residual", "residual",
+                                  "unitnorm+swiglu", "unitnorm+residual"])
 @pytest.mark.parametrize("scheme", ["int8", "fp8", "int4", "dense"])
 def test_cuda_fused_dispatch_matches_float64(scheme, kind, m):
     """The dispatchers with fusions, through the autotuned kernels (m <= 16) and the PyTorch ops
@@ -1339,6 +1359,30 @@ def test_cuda_fused_dispatch_matches_float64(scheme, kind, m):
             out = getattr(qm, f"{scheme}_linear")(xc, *dev, bias.cuda(), **kwargs)
     assert out.shape == (2, m, n_out) and out.dtype == torch.bfloat16
     err = rel_err(out.reshape(2 * m, n_out).cpu(), want)
+    assert err < 8e-3, f"relative error {err:.2e}"
+    assert _counters_sum() == 0
+
+
+@cuda
+@pytest.mark.parametrize("k", [4096, 14336])
+@pytest.mark.parametrize("kind", ["unitnorm+swiglu", "unitnorm", "norm+swiglu"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "dense"])
+def test_cuda_one_row_norm_with_and_without_weight_matches_float64(scheme, kind, k):
+    """Decode's one row through the m1 kernel (autotuned) with the RMSNorm prologue, its weight
+    folded away ("unitnorm": an empty weight, what int8 quantization leaves) or not."""
+    gen = torch.Generator().manual_seed(k)
+    n = 1024
+    x, fusion = make_fusion_inputs(kind, 1, n, k, torch.bfloat16, gen)
+    weights, _ = _cuda_layer(scheme, n, k, 128, gen)
+    want = fused_oracle(scheme, x, weights, 128, None, fusion)
+    norm = (fusion.norm_weight.cuda(), fusion.eps)
+    with torch.inference_mode():
+        dev = [w.cuda() for w in weights]
+        if scheme == "dense":
+            out = qm.dense_linear(x.cuda(), *dev, norm=norm, swiglu=fusion.swiglu)
+        else:
+            out = getattr(qm, f"{scheme}_linear")(x.cuda(), *dev, norm=norm, swiglu=fusion.swiglu)
+    err = rel_err(out.cpu(), want)
     assert err < 8e-3, f"relative error {err:.2e}"
     assert _counters_sum() == 0
 

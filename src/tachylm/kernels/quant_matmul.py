@@ -217,7 +217,10 @@ class Fusion(NamedTuple):
     up rows' results meet in one program, and the residual add as the result is written.
 
     Attributes:
-        norm_weight: RMSNorm x first with this weight [K] (and `eps`): `rms_norm_ref`.
+        norm_weight: RMSNorm x first with this weight [K] (and `eps`): `rms_norm_ref`. An empty
+            tensor ([0]) is an RMSNorm without a weight, for a layer whose weight has the norm's
+            weight folded into its columns (`tachylm.quant.fold_norm`): the kernels then read
+            x alone.
         eps: the RMSNorm epsilon.
         swiglu: the weight is [gate; up] (N = 2H rows); the result is SiLU(gate) * up, [..., H].
         residual: [..., N] ([..., H] with swiglu) in x's dtype, added to the result.
@@ -243,9 +246,11 @@ def make_fusion(norm: Optional[tuple] = None, swiglu: bool = False,
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as Hugging Face computes it: normalised in float32, rounded to x's dtype, then
-    multiplied by the weight."""
+    multiplied by the weight (an empty weight: by none; see `Fusion`)."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.numel() == 0:  # no weight (folded into the next layer): the product's dtype
+        return x32.to(x.dtype).to(torch.promote_types(x.dtype, weight.dtype))
     return weight * x32.to(x.dtype)
 
 
@@ -286,9 +291,10 @@ def _check_fusion(name: str, x: torch.Tensor, k: int, n: int, fusion: Fusion) ->
                          f"rows; this one has {n}")
     w = fusion.norm_weight
     if w is not None:
-        if tuple(w.shape) != (k,) or not w.is_floating_point() or w.device != x.device:
-            raise ValueError(f"{name}: the norm weight must be a floating-point [{k}] tensor on "
-                             f"{x.device}, got {w.dtype} {list(w.shape)} on {w.device}")
+        if tuple(w.shape) not in ((k,), (0,)) or not w.is_floating_point() or w.device != x.device:
+            raise ValueError(f"{name}: the norm weight must be a floating-point [{k}] tensor (or "
+                             f"[0]: no weight) on {x.device}, got {w.dtype} {list(w.shape)} on "
+                             f"{w.device}")
         if not fusion.eps >= 0:
             raise ValueError(f"{name}: the norm epsilon must be >= 0, got {fusion.eps}")
     r = fusion.residual
@@ -593,6 +599,7 @@ if HAS_TRITON:
         (float32; what the RMSNorm's sum of squares adds up).
 
         PROLOGUE 0: x. 1 (RMSNorm): x * g[k]; the 1 / rms factor is applied to the result.
+        2 (RMSNorm without a weight, `Fusion`): x, whose squares are summed as with 1.
         """
         if MASKED:
             x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
@@ -752,7 +759,7 @@ if HAS_TRITON:
                 wf = tl.where(k_ok[None, :], wf, 0.0)
                 x, x_in = _load_x(x_ptr, k0 + offs_k, k0 + offs_k, k_ok, g_ptr, PROLOGUE, True)
             acc_t += wf * x[None, :]
-            if PROLOGUE == 1:
+            if PROLOGUE >= 1:
                 sq_t += (x_in * x_in)[None, :]
         return tl.sum(acc_t, axis=1), sq_t
 
@@ -785,7 +792,7 @@ if HAS_TRITON:
             acc = acc * tl.load(s_ptr + rows).to(tl.float32)
         offs_m = tl.arange(0, 1)
         _finish(acc[:, None], tl.sum(sq_t, axis=1), offs_n, offs_m, 1, N, K, eps, pid_n, pid_k,
-                b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr, N, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1,
+                b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr, N, HAS_BIAS, HAS_RESIDUAL, PROLOGUE >= 1,
                 SWIGLU, SPLIT_K, PDL, BLOCK_N, 1)
 
     @triton.jit
@@ -934,7 +941,7 @@ if HAS_TRITON:
                 z = tl.load(z_ptr + g_ptrs + g0, mask=g_ok[:, None, :], other=0.0)
                 xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0,
                                    ((k0 + kk) < K)[:, :, None], g_ptr, PROLOGUE, True)
-            if PROLOGUE == 1:
+            if PROLOGUE >= 1:
                 sumsq += tl.sum(tl.sum(x_in * x_in, axis=1), axis=0)
             sf = s.to(tl.float32)
             s16 = tl.broadcast_to(sf.to(tl.bfloat16)[:, :, :, None], b.shape)
@@ -1017,7 +1024,7 @@ if HAS_TRITON:
                                        s_ok[:, None, None], g_ptr, PROLOGUE, True)
                     s = tl.load(s_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
                     z = tl.load(z_ptr + g_ptrs + g0, mask=s_ok[:, None], other=0.0)
-                if PROLOGUE == 1:
+                if PROLOGUE >= 1:
                     sumsq += tl.sum(tl.sum(x_in * x_in, axis=1), axis=0)
                 low, high = _nibbles_to_16bit(b, DTYPE, FAST)  # OFFSET + q, even and odd k
                 wt = tl.reshape(tl.join(low, high), (K_SLICES, BLOCK_N, GROUP))  # k order restored
@@ -1047,14 +1054,14 @@ if HAS_TRITON:
                     wt = tl.where(k_ok[:, None, :], wt, 0.0)
                     xt, x_in = _x_tile(x_ptr, x_offs + k0, kk[:, :, None] + k0,
                                        k_ok[:, :, None], g_ptr, PROLOGUE, True)
-                if PROLOGUE == 1:
+                if PROLOGUE >= 1:
                     sumsq += tl.sum(tl.sum(x_in * x_in, axis=1), axis=0)
                 acc3 = tl.dot(wt, xt, acc3)
             acc = tl.sum(acc3, axis=0)
             if SCHEME != 3:
                 acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
         _finish(acc, sumsq, offs_n, offs_m, M, N, K, eps, pid_n, pid_k, b_ptr, r_ptr, out_ptr, ws_ptr,
-                cnt_ptr, stride_om, HAS_BIAS, HAS_RESIDUAL, PROLOGUE == 1, SWIGLU, SPLIT_K, PDL,
+                cnt_ptr, stride_om, HAS_BIAS, HAS_RESIDUAL, PROLOGUE >= 1, SWIGLU, SPLIT_K, PDL,
                 BLOCK_N, BLOCK_M)
 
     @triton.jit
@@ -1330,19 +1337,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, K, stride_x, stride_o, eps,
-                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_WEIGHT: tl.constexpr):
         """out[m] = RMSNorm(x[m]) * w, as `rms_norm_ref` (normalised in float32, rounded to x's
-        dtype, times the weight); grid (M,), one row of K <= BLOCK_K per program. Under PDL
-        it launches while the GEMV before it finishes and lets the next one launch at once."""
+        dtype, times the weight, if HAS_WEIGHT); grid (M,), one row of K <= BLOCK_K per program.
+        Under PDL it launches while the GEMV before it finishes and lets the next one launch at
+        once."""
         offs = tl.arange(0, BLOCK_K)
         mask = offs < K
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # never written: early
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # never written: early
         pdl_start(PDL)
         pdl_release(PDL)
         row = tl.program_id(0).to(tl.int64)
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         y = x / tl.sqrt_rn(tl.sum(x * x, axis=0) / K + eps)
-        y = y.to(x_ptr.dtype.element_ty).to(tl.float32) * w
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_WEIGHT:
+            y = y * w
         tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -1790,7 +1801,9 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     bias_arg = out if bias is None else bias
     norm_arg = out if fusion.norm_weight is None else fusion.norm_weight  # never read if absent
     residual_arg = out if fusion.residual is None else fusion.residual
-    prologue = 1 if fusion.norm_weight is not None else 0
+    # 1: RMSNorm with its weight; 2: without one (folded into the weight, `Fusion`), so the
+    # kernel reads no norm weight (+1.0% for int8 decode-8b with its head, BENCHMARKS.md)
+    prologue = 0 if fusion.norm_weight is None else 1 if fusion.norm_weight.numel() else 2
     # Inline PTX on the GPU; the interpreter (CPU tensors) runs the plain Triton forms.
     fast = x.is_cuda
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
@@ -2054,9 +2067,10 @@ _NORM_MAX_K = 16384  # one program holds a row of x in registers
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`rms_norm_ref` of x [M, K] (K <= 16384) by `_rms_norm_kernel`, one program a row (CUDA, or
     CPU tensors under the interpreter). The output dtype is the reference's: x's and the weight's
-    promoted."""
-    if x.dim() != 2 or weight.shape != (x.shape[1],) or x.shape[1] > _NORM_MAX_K:
-        raise ValueError(f"rms_norm_triton: expected x [M, K <= {_NORM_MAX_K}] and weight [K], got "
+    promoted. An empty weight: no weight (see `Fusion`)."""
+    if x.dim() != 2 or weight.shape not in ((x.shape[1],), (0,)) or x.shape[1] > _NORM_MAX_K:
+        raise ValueError(f"rms_norm_triton: expected x [M, K <= {_NORM_MAX_K}] and weight [K] "
+                         f"(or [0]), got "
                          f"{list(x.shape)} and {list(weight.shape)}")
     x = x.contiguous()
     weight = weight.contiguous()
@@ -2068,7 +2082,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _rms_norm_kernel[(m,)](x, weight, out, k, x.stride(0), out.stride(0), float(eps),
                                BLOCK_K=block_k, num_warps=max(4, min(16, block_k // 512)),
-                               **pdl_launch(x.device))
+                               HAS_WEIGHT=weight.numel() > 0, **pdl_launch(x.device))
     return out
 
 
@@ -2309,6 +2323,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     """
     fusion = make_fusion(norm, swiglu, residual)
     _check_int4(x, qweight, scale, zero, group_size, bias, fusion)
+    if fusion.norm_weight is not None and fusion.norm_weight.numel() == 0:
+        # int4's kernels read a norm weight: a weightless norm (`Fusion`) reads ones
+        fusion = fusion._replace(norm_weight=fusion.norm_weight.new_ones(x.shape[-1]))
     if scale_zero is not None and (scale_zero.shape != scale.shape
                                    or scale_zero.dtype != torch.int32):
         raise ValueError(f"scale_zero must be pack_scale_zero(scale, zero): int32 "
