@@ -47,11 +47,11 @@ if importlib.util.find_spec("tachylm.kernels") is None or (
 from tachylm.build import build_random_model  # noqa: E402
 from tachylm.checkpoints import CheckpointError  # noqa: E402
 from tachylm.evaluate import perplexity, perplexity_change, sliding_windows, token_nlls  # noqa: E402
-from tachylm.model import Transformer  # noqa: E402
+from tachylm.model import RMSNorm, Transformer  # noqa: E402
 from tachylm.kernels.linear import FusedLinear  # noqa: E402
 from tachylm.quant import (SCHEMES, Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear,  # noqa: E402
-                           apply_quant_option, linear_names, prepare_for_quantized_load, quantize_model,
-                           quantized_modules)
+                           apply_quant_option, folded_norms, linear_names,
+                           prepare_for_quantized_load, quantize_model, quantized_modules)
 from tachylm.quant import schemes  # noqa: E402
 from tachylm.quant import gptq  # noqa: E402
 from tachylm.quant.gptq import calibration_windows, gptq_int4, gptq_int8, row_errors  # noqa: E402
@@ -466,6 +466,89 @@ def test_quantize_model_swaps_every_linear(tie):
     assert torch.equal(model.embed.weight, embed)  # the embedding stays float (and untouched)
     logits = model(tokens)
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def _random_norms(model, seed=3):
+    """Norm weights away from one (build_random_model leaves them at 1), so folding shows."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.data = torch.rand(module.weight.shape, generator=gen) + 0.5
+    return model
+
+
+@pytest.mark.parametrize("tie, head", [(True, True), (False, False)])
+def test_int8_folds_each_input_norm_into_the_linear_after_it(tie, head):
+    """int8 quantizes W * g (the norm's weight in W's columns) and leaves the norm without a
+    weight: same function as the float model, and each Linear within half a step of W * g."""
+    model = _random_norms(_tiny_model(tie=tie))
+    gains = {name: model.get_submodule(name).weight.clone() for name in folded_names(head)}
+    weights = {name: model.get_submodule(name).weight.clone() for name in linear_names(model, head)}
+    if tie and head:
+        assert model.lm_head.weight is model.embed.weight
+    tokens = torch.randint(0, 100, (2, 12))
+    reference = model(tokens)
+    quantize_model(model, "int8", include_head=head)
+    assert folded_norms(model) == list(gains)
+    assert model.norm.weight.numel() == (0 if head else model.config.dim)
+    for name, w in weights.items():
+        norm = FOLDED.get(name.split(".")[-1] if name != "lm_head" else "lm_head")
+        if norm is not None:
+            w = w * gains[norm(name)][None, :]
+        module = model.get_submodule(name)
+        step = module.scale[:, None]
+        assert ((module.dequantize() - w).abs() <= 0.5 * step + 1e-7).all(), name
+    logits = model(tokens)
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+    assert torch.equal(model.embed.weight, _tiny_model(tie=tie).embed.weight)  # untouched
+
+
+FOLDED = {"qkv_proj": lambda name: name.replace("attn.qkv_proj", "attn_norm"),
+          "gate_up_proj": lambda name: name.replace("mlp.gate_up_proj", "mlp_norm"),
+          "lm_head": lambda name: "norm"}
+
+
+def folded_names(head):
+    return [f"layers.{i}.{n}" for i in range(2) for n in ("attn_norm", "mlp_norm")] + (
+        ["norm"] if head else [])
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4", "int8-gptq"])
+def test_other_modes_keep_their_norm_weights(mode):
+    model = _random_norms(_tiny_model())
+    gains = [m.weight.clone() for m in model.modules() if isinstance(m, RMSNorm)]
+    calibration = torch.randint(0, 100, (4, 16)) if mode.endswith("-gptq") else None
+    quantize_model(model, mode, 32, include_head=True, calibration_tokens=calibration)
+    assert not folded_norms(model)
+    assert all(torch.equal(a, m.weight) for a, m in
+               zip(gains, (m for m in model.modules() if isinstance(m, RMSNorm))))
+
+
+def test_folded_norms_save_load_and_bad_lists(tmp_path):
+    model = _random_norms(_tiny_model(tie=False))
+    quantize_model(model, "int8", include_head=True)
+    save_quantized(model, tmp_path, mode="int8")
+    meta = json.loads((tmp_path / "quantization.json").read_text())
+    assert meta["format_version"] == 3 and meta["folded_norms"] == folded_names(True)
+    assert load_file(tmp_path / "model.safetensors")["norm.weight"].shape == (0,)
+    loaded = build_quantized_model(tmp_path, dtype=torch.float32)
+    assert folded_norms(loaded) == folded_names(True)
+    tokens = torch.randint(0, 100, (2, 10))
+    assert torch.equal(loaded(tokens), model(tokens))
+    for bad, message in ((["layers.0.attn.o_proj"], "is not an RMSNorm"),
+                         (["layers.9.attn_norm"], "is not an RMSNorm"),
+                         ("norm", "must be a list"),
+                         (folded_names(True)[:-1], r"tensor 'norm\.weight' has shape \[0\]")):
+        edited = dict(meta, folded_norms=bad)
+        (tmp_path / "quantization.json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match=message):
+            build_quantized_model(tmp_path)
+    # without folded norms the folder stays version 2, which older readers take
+    fp8 = _tiny_model()
+    quantize_model(fp8, "fp8")
+    save_quantized(fp8, tmp_path / "fp8", mode="fp8")
+    meta = json.loads((tmp_path / "fp8" / "quantization.json").read_text())
+    assert meta["format_version"] == 2 and "folded_norms" not in meta
 
 
 def test_quantize_model_leaves_the_tied_head_by_default():

@@ -17,7 +17,8 @@ from tachylm.checkpoints import Checkpoint, CheckpointError
 from tachylm.config import ModelConfig
 from tachylm.model import Transformer
 from tachylm.quant import HEAD, prepare_for_quantized_load
-from tachylm.quant.io import QUANT_FILE, read_quantization_json, read_quantized_weights
+from tachylm.quant.io import (QUANT_FILE, fold_listed_norms, read_quantization_json,
+                              read_quantized_weights)
 from tachylm.quant.schemes import check_fp8_device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -136,6 +137,7 @@ def build_quantized_model(folder: str | os.PathLike[str], *, device: torch.devic
         prepare_for_quantized_load(model, specs)
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(os.fspath(folder), QUANT_FILE)}: {e}") from e
+    fold_listed_norms(model, meta["folded_norms"], folder)
     tied = config.tie_embeddings and HEAD not in specs
     state = read_quantized_weights(folder, model, tied, device, dtype, meta["format_version"])
     return _assign(model, state, tied, device, max_seq_len)

@@ -16,6 +16,12 @@ Modes (what `--quant` / `--mode` accept):
 Tied output head: with `include_head` the head becomes a quantized copy of the embedding table and
 the embedding itself stays in floating point (a lookup reads one row per token, so quantizing it
 saves no bandwidth and costs accuracy).
+
+Folded norms: in the modes of `FOLD_NORM_MODES`, a Linear whose input is an RMSNorm's output (a
+layer's qkv_proj and gate_up_proj, and the head) is quantized from W * g, its weight with the
+norm's weight g multiplied into its columns, and the norm keeps no weight (an empty tensor;
+see `fold_norm`). The function is the same, W (g * x_normed) = (W * g) x_normed, and the
+decode kernels then read x alone, no norm weight beside it.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tachylm.model import Transformer
+from tachylm.model import RMSNorm, Transformer
 from tachylm.quant.schemes import (INT4_GROUP_SIZES, SCHEMES, Fp8Linear, Int4Linear, Int8Linear,
                                    QuantizedLinear, check_group_size)
 
-__all__ = ["GPTQ_MODES", "HEAD", "INT4_GROUP_SIZES", "MODES", "SCHEMES", "Fp8Linear", "Int4Linear", "Int8Linear",
-           "QuantizedLinear", "apply_quant_option", "link_inputs", "linear_names", "module_specs",
+__all__ = ["FOLD_NORM_MODES", "GPTQ_MODES", "HEAD", "INT4_GROUP_SIZES", "MODES", "SCHEMES",
+           "Fp8Linear", "Int4Linear", "Int8Linear", "QuantizedLinear", "apply_quant_option",
+           "fold_norm", "folded_norms", "link_inputs", "linear_names", "module_specs",
            "prepare_for_quantized_load", "quantize_model", "quantized_modules", "scheme_for_mode"]
 
 Progress = Callable[[str], None]
@@ -38,6 +45,40 @@ Progress = Callable[[str], None]
 MODES = ("int8", "fp8", "int4", "int4-gptq", "int8-gptq")
 GPTQ_MODES = ("int4-gptq", "int8-gptq")
 HEAD = "lm_head"
+# Modes whose round-to-nearest quantization folds each input RMSNorm's weight into the Linear
+# after it (module docstring). The kernel then reads no norm weight: int8 decode-8b with its head
+# 327.7-327.8 -> 331.0-331.1 tokens/s on an H100 (BENCHMARKS.md); int8's perplexity change on
+# SmolLM2 is in the quality table there.
+FOLD_NORM_MODES = ("int8",)
+
+
+def input_norm(model: nn.Module, name: str) -> RMSNorm | None:
+    """The RMSNorm whose output is the whole input of Linear `name` in a Transformer (a layer's
+    qkv_proj or gate_up_proj, or the head), if it still has its weight; else None."""
+    if not isinstance(model, Transformer):
+        return None
+    parts = name.split(".")
+    if name == HEAD:
+        norm = model.norm
+    elif len(parts) == 4 and parts[0] == "layers" and parts[2:] in (["attn", "qkv_proj"],
+                                                                    ["mlp", "gate_up_proj"]):
+        layer = model.layers[int(parts[1])]
+        norm = layer.attn_norm if parts[2] == "attn" else layer.mlp_norm
+    else:
+        return None
+    return norm if norm.weight.numel() else None
+
+
+def fold_norm(norm: RMSNorm) -> None:
+    """Leave `norm` without a weight (an empty tensor of its dtype and device), once its weight is
+    in the next Linear's columns: it then normalises only (`kernels.rms_norm_ref`)."""
+    norm.weight = nn.Parameter(norm.weight.detach().new_empty(0), requires_grad=False)
+
+
+def folded_norms(model: nn.Module) -> list[str]:
+    """Names of the RMSNorms left without a weight by folding, in model order."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, RMSNorm) and module.weight.numel() == 0]
 
 
 def scheme_for_mode(mode: str) -> str:
@@ -109,12 +150,14 @@ def head_weight(model: nn.Module) -> torch.Tensor:
 
 
 def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, *, name: str = "layer",
-                    weight: torch.Tensor | None = None, device: torch.device | str | None = None
-                    ) -> QuantizedLinear:
+                    weight: torch.Tensor | None = None, device: torch.device | str | None = None,
+                    norm_weight: torch.Tensor | None = None) -> QuantizedLinear:
     """Round-to-nearest quantization of one Linear (`weight` overrides its weight).
 
     Args:
         device: where to compute and place the result (default: the weight's device).
+        norm_weight: the weight [in_features] of the RMSNorm before the Linear, multiplied into
+            its columns (in float32) before rounding (`fold_norm`).
     """
     check_quantizable_linear(linear, mode, group_size, name)
     weight = linear.weight if weight is None else weight
@@ -122,6 +165,9 @@ def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, *, name
     if device is not None:
         weight = weight.to(device)
         bias = None if bias is None else bias.to(device)
+    if norm_weight is not None:
+        weight = weight.detach().to(torch.float32, copy=True)
+        weight.mul_(norm_weight.detach().to(weight.device, torch.float32))
     return SCHEMES[scheme_for_mode(mode)].from_float(weight, bias, **scheme_options(mode, group_size))
 
 
@@ -147,7 +193,7 @@ def check_quantizable(model: nn.Module, mode: str, group_size: int, include_head
 def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_head: bool = False,
                    calibration_tokens: torch.Tensor | None = None, progress: Progress | None = None, *,
                    device: torch.device | str | None = None, **gptq_options: Any) -> dict[str, dict]:
-    """Quantize `model` in place.
+    """Quantize `model` in place (in `FOLD_NORM_MODES`, folding the input norms: module docstring).
 
     Args:
         model: a Transformer with float Linear modules (any device and dtype).
@@ -181,8 +227,12 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
     for i, name in enumerate(names):
         linear = model.get_submodule(name)
         weight = head_weight(model) if name == HEAD else None
+        norm = input_norm(model, name) if mode in FOLD_NORM_MODES else None
         set_module(model, name, quantize_linear(linear, mode, group_size, name=name, weight=weight,
-                                                device=device))
+                                                device=device,
+                                                norm_weight=None if norm is None else norm.weight))
+        if norm is not None:  # only once the Linear holds it, so a failure leaves both as they were
+            fold_norm(norm)
         del linear, weight  # the float weight goes now, not at the end
         if progress is not None:
             progress(f"quantized {name} ({mode}) [{i + 1}/{len(names)}]")

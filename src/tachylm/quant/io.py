@@ -6,8 +6,10 @@ Layout of a quantized folder:
                             gate/up; quantized modules as `<module>.qweight`, `.scale`, `.zero`,
                             `.bias`); a tied, unquantized head is not stored twice. No pickles.
     quantization.json       format and version, mode, group size, include_head, the dtype of the
-                            floating-point tensors, the ModelConfig, and one spec per quantized
-                            module (what `prepare_for_quantized_load` needs)
+                            floating-point tensors, the ModelConfig, one spec per quantized
+                            module (what `prepare_for_quantized_load` needs) and, from version 3,
+                            "folded_norms": the RMSNorms whose weight is folded into the Linear
+                            after them (stored as empty tensors; see `tachylm.quant`)
     tokenizer.json, tokenizer_config.json, generation_config.json (+ chat_template.jinja ...)
                             copied from a Hugging Face source, or written from a GGUF vocabulary
 
@@ -31,13 +33,16 @@ from safetensors.torch import save_file
 
 from tachylm.checkpoints import CheckpointError
 from tachylm.config import ModelConfig, RopeScaling
-from tachylm.model import Transformer
-from tachylm.quant import HEAD, module_specs, quantized_modules
+from tachylm.model import RMSNorm, Transformer
+from tachylm.quant import HEAD, fold_norm, folded_norms, module_specs, quantized_modules
 from tachylm.tokenizer import load_tokenizer
 
 FORMAT = "tachylm-quantized"
-FORMAT_VERSION = 2  # 2: int4 scales and zero points in bfloat16 (1: float32, still read)
-READ_VERSIONS = (1, 2)
+# 2: int4 scales and zero points in bfloat16 (1: float32, still read). 3: "folded_norms" (a
+# folder without folded norms is still written as version 2, which older readers take).
+FORMAT_VERSION = 3
+UNFOLDED_VERSION = 2  # what a folder without folded norms is written as
+READ_VERSIONS = (1, 2, 3)
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -140,9 +145,10 @@ def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: 
     float_dtypes = {str(t.dtype).removeprefix("torch.") for n, t in state.items() if n not in exact}
     assert len(float_dtypes) == 1, f"mixed floating-point dtypes {float_dtypes}; pass dtype="
     group_sizes = {spec["group_size"] for spec in specs.values() if "group_size" in spec}
+    folded = folded_norms(model)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if folded else UNFOLDED_VERSION,
         "mode": mode,
         "group_size": group_sizes.pop() if len(group_sizes) == 1 else None,
         "include_head": HEAD in specs,
@@ -151,6 +157,8 @@ def save_quantized(model: Transformer, folder: str | os.PathLike[str], *, mode: 
         "modules": specs,
         "provenance": extra or {},
     }
+    if folded:
+        meta["folded_norms"] = folded
     os.makedirs(folder, exist_ok=True)
     # The weights first, the description last: a folder counts as quantized once its
     # quantization.json is there.
@@ -212,8 +220,26 @@ def read_quantization_json(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(modules, dict) or not modules or not all(
             isinstance(spec, dict) for spec in modules.values()):
         raise CheckpointError(f"{path}: 'modules' must map module names to scheme specs")
+    folded = meta.setdefault("folded_norms", [])
+    if not isinstance(folded, list) or not all(isinstance(name, str) for name in folded):
+        raise CheckpointError(f"{path}: 'folded_norms' must be a list of module names")
     meta["config"] = config_from_dict(meta["config"], path)
     return meta
+
+
+def fold_listed_norms(model: Transformer, names: list[str], folder: str | os.PathLike[str]) -> None:
+    """Leave the RMSNorms `names` (quantization.json's "folded_norms") of the meta-device `model`
+    without a weight, so the folder's empty tensors load into them (CheckpointError for a name
+    that is not an RMSNorm of the model)."""
+    for name in names:
+        try:
+            norm = model.get_submodule(name)
+        except AttributeError:
+            norm = None
+        if not isinstance(norm, RMSNorm):
+            raise CheckpointError(f"{os.path.join(os.fspath(folder), QUANT_FILE)}: folded norm "
+                                  f"{name!r} is not an RMSNorm of this model")
+        fold_norm(norm)
 
 
 def read_quantized_config(folder: str | os.PathLike[str]) -> ModelConfig:
