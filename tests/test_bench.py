@@ -94,6 +94,19 @@ def _perturb_compiled_decode(monkeypatch):
     monkeypatch.setattr(Steps, "decode", decode)
 
 
+def test_int8_run_reports_its_folded_norms_and_the_flag_keeps_them(capsys, tmp_path):
+    """int8 folds the tiny shape's 2 x 2 layer norms and the final one (its head quantized);
+    --no-fold-norms keeps them. The result says which it measured."""
+    for flag, folded in (("--fold-norms", 5), ("--no-fold-norms", 0)):
+        out = tmp_path / f"{flag}.jsonl"
+        argv = ["bench", *QUICK, "--no-compile", "--quant", "int8", "--quant-head", flag,
+                "--json", str(out)]
+        assert cli_bench.main(argv) == 0
+        (result,) = _lines(out)
+        _assert_sane(result)
+        assert result["quant"] == "int8" and result["folded_norms"] == folded
+
+
 def test_check_fails_loudly_when_compiled_differs(monkeypatch):
     _perturb_compiled_decode(monkeypatch)
     options = _options(compile=True, compile_backend="eager")

@@ -513,6 +513,15 @@ def folded_names(head):
         ["norm"] if head else [])
 
 
+def test_fold_norms_false_keeps_the_norm_weights():
+    model = _random_norms(_tiny_model())
+    gains = [m.weight.clone() for m in model.modules() if isinstance(m, RMSNorm)]
+    apply_quant_option(model, "int8", include_head=True, fold_norms=False)
+    assert not folded_norms(model) and len(quantized_modules(model)) == 9
+    assert all(torch.equal(a, m.weight) for a, m in
+               zip(gains, (m for m in model.modules() if isinstance(m, RMSNorm))))
+
+
 @pytest.mark.parametrize("mode", ["fp8", "int4", "int8-gptq"])
 def test_other_modes_keep_their_norm_weights(mode):
     model = _random_norms(_tiny_model())

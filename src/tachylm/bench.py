@@ -42,7 +42,7 @@ from tachylm.generate import Generation
 from tachylm.kernels.linear import use_fast_linears
 from tachylm.kernels.quant_matmul import pdl_launch, use_pdl
 from tachylm.model import Transformer
-from tachylm.quant import apply_quant_option
+from tachylm.quant import apply_quant_option, folded_norms
 from tachylm.sampling import (SamplingParams, SamplingPlan, SamplingTensors, plan_for, sample,
                               seed_draws, to_tensors)
 from tachylm.steps import PREFILL_MULTIPLE, Steps
@@ -98,8 +98,8 @@ class BenchOptions:
         model: a model reference (alias, path, hub id) to load real weights instead.
         compile: compile the decode step; None = on CUDA only.
         compile_prefill: also compile prefill (dynamic length) for the prefill runs.
-        quant, group_size, quant_head: weight-only quantization applied after building
-            (round-to-nearest; see tachylm.quant), or None for the checkpoint's dtype.
+        quant, group_size, quant_head, fold_norms: weight-only quantization applied after
+            building (round-to-nearest; see tachylm.quant), or None for the checkpoint's dtype.
         fast_linear: on CUDA, route small-batch float Linears through tachylm's Triton GEMV
             (tachylm.kernels.linear.FastLinear) instead of cuBLAS.
         pdl: programmatic dependent launch of tachylm's Triton kernels where the GPU and Triton
@@ -126,6 +126,7 @@ class BenchOptions:
     quant: str | None = None
     group_size: int = 128
     quant_head: bool = False
+    fold_norms: bool = True
     fast_linear: bool = True
     pdl: bool = True
     compile_backend: str = "inductor"
@@ -223,6 +224,7 @@ def iter_bench(options: BenchOptions, progress: Progress | None = None) -> Itera
               "dtype": str(dtype).removeprefix("torch."),
               "quant": options.quant, "group_size": options.group_size if options.quant == "int4" else None,
               "quant_head": options.quant_head if options.quant else None,
+              "folded_norms": len(folded_norms(model)),
               "fast_linear": options.fast_linear and device.type == "cuda",
               "pdl": bool(pdl_launch(device)["PDL"]),
               "repeats": options.repeats, "peak_gb_s": peak, "weight_bytes": weight_bytes(model)}
@@ -264,7 +266,8 @@ def _load_model(options: BenchOptions, device: torch.device, dtype: torch.dtype,
     model = _load_float_model(options, device, dtype, report)
     if options.quant is not None:
         report(f"quantizing to {options.quant}")
-        apply_quant_option(model, options.quant, options.group_size, options.quant_head, device=device)
+        apply_quant_option(model, options.quant, options.group_size, options.quant_head,
+                           device=device, fold_norms=options.fold_norms)
     if options.fast_linear and device.type == "cuda":
         use_fast_linears(model)
     return model

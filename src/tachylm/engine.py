@@ -139,7 +139,8 @@ class Engine:
     def load(cls, ref: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
              max_seq_len: int | None = None, compile: bool = False, chat_template_file: str | None = None,
              quant: str | None = None, group_size: int = 128, quant_head: bool = False,
-             cache_dir: str | None = None, progress: Callable[[str], None] | None = None) -> "Engine":
+             fold_norms: bool = True, cache_dir: str | None = None,
+             progress: Callable[[str], None] | None = None) -> "Engine":
         """Resolve, read and build a model.
 
         Args:
@@ -151,6 +152,8 @@ class Engine:
             chat_template_file: a Jinja2 template overriding the checkpoint's own.
             quant: quantize on the fly ("int8", "fp8", "int4"; round-to-nearest), or None.
             group_size, quant_head: int4 group size; quantize the output head too.
+            fold_norms: int8 folds each RMSNorm's weight into the Linear after it (faster
+                decode); False keeps the weights (`tachylm.quant.quantize_model`).
             cache_dir: where downloaded models are kept.
             progress: called with progress lines (downloads, loading).
         """
@@ -180,7 +183,8 @@ class Engine:
         else:  # with --quant, build in host memory: only quantized layers land on the device
             model = build_model(checkpoint, device="cpu" if quant else torch_device, dtype=torch_dtype,
                                 max_seq_len=max_seq_len)
-            apply_quant_option(model, quant, group_size, quant_head, progress, device=torch_device)
+            apply_quant_option(model, quant, group_size, quant_head, progress, device=torch_device,
+                               fold_norms=fold_norms)
         if not quantized and path.endswith(".gguf"):
             # The reader already parsed the GGUF header; its vocabulary is in the metadata.
             tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata, source=path)

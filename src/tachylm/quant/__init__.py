@@ -192,7 +192,8 @@ def check_quantizable(model: nn.Module, mode: str, group_size: int, include_head
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_head: bool = False,
                    calibration_tokens: torch.Tensor | None = None, progress: Progress | None = None, *,
-                   device: torch.device | str | None = None, **gptq_options: Any) -> dict[str, dict]:
+                   device: torch.device | str | None = None, fold_norms: bool = True,
+                   **gptq_options: Any) -> dict[str, dict]:
     """Quantize `model` in place (in `FOLD_NORM_MODES`, folding the input norms: module docstring).
 
     Args:
@@ -204,6 +205,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
         progress: called with one line per layer.
         device: where quantization runs and the quantized modules are placed; default each
             weight's own device. For GPTQ, the device the blocks visit one at a time.
+        fold_norms: in `FOLD_NORM_MODES`, fold the input norms' weights into their Linears
+            (module docstring); False keeps them (closer to the original, ~1% slower decode).
         gptq_options: passed to `gptq.gptq_quantize_model` (damp, act_order, batch_size).
     Returns:
         Name -> spec of every module quantized.
@@ -227,7 +230,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
     for i, name in enumerate(names):
         linear = model.get_submodule(name)
         weight = head_weight(model) if name == HEAD else None
-        norm = input_norm(model, name) if mode in FOLD_NORM_MODES else None
+        norm = input_norm(model, name) if fold_norms and mode in FOLD_NORM_MODES else None
         set_module(model, name, quantize_linear(linear, mode, group_size, name=name, weight=weight,
                                                 device=device,
                                                 norm_weight=None if norm is None else norm.weight))
@@ -241,8 +244,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
 
 
 def apply_quant_option(model: nn.Module, mode: str | None, group_size: int = 128, include_head: bool = False,
-                       progress: Progress | None = None, device: torch.device | str | None = None
-                       ) -> nn.Module:
+                       progress: Progress | None = None, device: torch.device | str | None = None,
+                       fold_norms: bool = True) -> nn.Module:
     """On-the-fly quantization for `--quant MODE` (generate, chat, bench).
 
     Args:
@@ -250,6 +253,7 @@ def apply_quant_option(model: nn.Module, mode: str | None, group_size: int = 128
             device memory near the quantized size; the quantized modules are created on `device`
             and the rest of the model (embedding, norms, rotary tables) is moved there.
         mode: None (no-op), or "int8" / "fp8" / "int4". GPTQ needs calibration and is offline only.
+        fold_norms: as `quantize_model`.
     Returns:
         The model (modified in place).
     """
@@ -258,7 +262,8 @@ def apply_quant_option(model: nn.Module, mode: str | None, group_size: int = 128
     if mode in GPTQ_MODES:
         raise ValueError(f"{mode} needs calibration data and runs offline: "
                          f"tachylm quantize MODEL --mode {mode} --calib FILE -o DIR, then load DIR")
-    quantize_model(model, mode, group_size, include_head, progress=progress, device=device)
+    quantize_model(model, mode, group_size, include_head, progress=progress, device=device,
+                   fold_norms=fold_norms)
     if device is not None:
         model.to(device)
     return model
