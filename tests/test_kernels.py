@@ -753,6 +753,8 @@ MLP_CASES = {"mlp-d64-f128": (64, 128, 64, MLP),
              "mlp-d48-f72-n40-ragged": (48, 72, 40, dict(MLP, BLOCK_N1=4, BLOCK_K2=64)),
              "mlp-d64-f96-tuned": (64, 96, 64, None),
              "mlp-d64-f128-fp16": (64, 128, 64, dict(MLP, BLOCK_N2=4)),
+             # the norm without a weight (folded into gate_up: PROLOGUE 2)
+             "mlp-d64-f96-n48-unitnorm": (64, 96, 48, MLP),
              # the op on a card the launch is off for: the two GEMVs, no count
              "mlp-d64-f80-tuned-launch-off": (64, 80, 64, None)}
 
@@ -933,6 +935,8 @@ def _interpreter_child():
         (gate_up,), (down,) = make_dense(2 * ffn, dim, gen, dtype), make_dense(n_out, ffn, gen,
                                                                                dtype)
         norm_weight = (torch.rand(dim, generator=gen) + 0.5).to(dtype)
+        if name.endswith("unitnorm"):
+            norm_weight = norm_weight[:0]
         errors, twins = [], []
         for _ in range(3):
             x = 3 * torch.randn(1, dim, generator=gen).to(dtype)
@@ -1195,8 +1199,9 @@ def test_mlp_kernel_compiles_for_sm90_with_both_loops_pipelined():
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     for slot, (bn1, bk1, bn2, bk2, nw, st) in enumerate(qm._MLP_DENSE_CONFIGS):
         for even in (True, False):
-            meta = dict(FAST=True, PDL=True, BLOCK_N1=bn1, BLOCK_K1=bk1, BLOCK_N2=bn2,
-                        BLOCK_K2=bk2, STAGES=st, SLOT=slot, EVEN_K1=even, EVEN_K2=even)
+            meta = dict(FAST=True, PDL=True, PROLOGUE=1 + even, BLOCK_N1=bn1, BLOCK_K1=bk1,
+                        BLOCK_N2=bn2, BLOCK_K2=bk2, STAGES=st, SLOT=slot, EVEN_K1=even,
+                        EVEN_K2=even)
             sig = {name: types.get(name, "i32") for name in fn.arg_names}
             sig.update({name: "constexpr" for name in meta})
             kernel = triton.compile(triton.compiler.ASTSource(fn, sig, meta, attrs),

@@ -829,14 +829,15 @@ if HAS_TRITON:
     def _mlp_m1_kernel(
         x_ptr, g_ptr, w1_ptr, w2_ptr, r_ptr, out_ptr, tag_ptr, cnt_ptr,
         N1, K1, N2, stride_w1, stride_w2, eps,
-        FAST: tl.constexpr, PDL: tl.constexpr,
+        FAST: tl.constexpr, PDL: tl.constexpr, PROLOGUE: tl.constexpr,
         BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_N2: tl.constexpr,
         BLOCK_K2: tl.constexpr, STAGES: tl.constexpr, SLOT: tl.constexpr,
         EVEN_K1: tl.constexpr, EVEN_K2: tl.constexpr,
     ):
         """A decode MLP in one launch, for one row of x and dense 16-bit weights:
         out = residual + w2 @ (SiLU(gate) * up) with [gate; up] = w1 @ RMSNorm(x) (w1 [N1 = 2H,
-        K1], w2 [N2, H], g_ptr the norm's weight).
+        K1], w2 [N2, H], g_ptr the norm's weight, unread with PROLOGUE 2: a norm without a
+        weight, `Fusion`).
 
         The first cdiv(N1, BLOCK_N1) programs are gate_up's row blocks (as `_qgemv_m1_kernel`
         with the RMSNorm prologue and the SwiGLU epilogue); they store the hidden vector h [H]
@@ -873,8 +874,8 @@ if HAS_TRITON:
         tag = (((count // consumers) & 1) + 1).to(tl.int32) << 16
         if pid < blocks1:
             offs_n, rows = _row_block(pid, N1, BLOCK_N1, True)
-            acc, sq_t = _row_dots(w1_ptr, rows, stride_w1, x_ptr, g_ptr, 0, K1, K1, 3, FAST, 1,
-                                  EVEN_K1, BLOCK_N1, BLOCK_K1, STAGES)
+            acc, sq_t = _row_dots(w1_ptr, rows, stride_w1, x_ptr, g_ptr, 0, K1, K1, 3, FAST,
+                                  PROLOGUE, EVEN_K1, BLOCK_N1, BLOCK_K1, STAGES)
             pdl_release(PDL)
             acc = acc / tl.sqrt_rn(tl.sum(sq_t, axis=1) / K1 + eps)
             gate, up = tl.split(tl.reshape(acc, (BLOCK_N1 // 2, 2)))
@@ -2422,7 +2423,8 @@ def _mlp_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     tags, counts = _mlp_buffers(x.device, hidden, n2, config)
     args = (x, norm_weight, gate_up, down, residual, out, tags, counts, n1, k, n2,
             gate_up.stride(0), down.stride(0), eps)
-    common = dict(FAST=x.is_cuda, **pdl_launch(x.device))
+    # the RMSNorm with its weight (1) or without one (2: folded, `Fusion`)
+    common = dict(FAST=x.is_cuda, PROLOGUE=1 if norm_weight.numel() else 2, **pdl_launch(x.device))
 
     def grid(meta):
         return (triton.cdiv(n1, meta["BLOCK_N1"]) + triton.cdiv(n2, meta["BLOCK_N2"]),)
@@ -2491,7 +2493,7 @@ def _dense_mlp_applies(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
     n1, k = gate_up.shape
     if n1 % 2 or k != x.shape[-1] or down.shape[1] != n1 // 2:
         return False
-    if (tuple(norm_weight.shape) != (k,) or norm_weight.device != x.device
+    if (tuple(norm_weight.shape) not in ((k,), (0,)) or norm_weight.device != x.device
             or residual.shape != x.shape[:-1] + (down.shape[0],) or residual.dtype != x.dtype
             or residual.device != x.device):
         return False
