@@ -492,9 +492,8 @@ def test_int8_folds_each_input_norm_into_the_linear_after_it(tie, head):
     assert folded_norms(model) == list(gains)
     assert model.norm.weight.numel() == (0 if head else model.config.dim)
     for name, w in weights.items():
-        norm = FOLDED.get(name.split(".")[-1] if name != "lm_head" else "lm_head")
-        if norm is not None:
-            w = w * gains[norm(name)][None, :]
+        if name.endswith(("qkv_proj", "gate_up_proj", "lm_head")):  # after a norm: W * g
+            w = w * gains[FOLDED_NORM[name.split(".")[-1]](name)][None, :]
         module = model.get_submodule(name)
         step = module.scale[:, None]
         assert ((module.dequantize() - w).abs() <= 0.5 * step + 1e-7).all(), name
@@ -503,9 +502,9 @@ def test_int8_folds_each_input_norm_into_the_linear_after_it(tie, head):
     assert torch.equal(model.embed.weight, _tiny_model(tie=tie).embed.weight)  # untouched
 
 
-FOLDED = {"qkv_proj": lambda name: name.replace("attn.qkv_proj", "attn_norm"),
-          "gate_up_proj": lambda name: name.replace("mlp.gate_up_proj", "mlp_norm"),
-          "lm_head": lambda name: "norm"}
+FOLDED_NORM = {"qkv_proj": lambda name: name.replace("attn.qkv_proj", "attn_norm"),
+               "gate_up_proj": lambda name: name.replace("mlp.gate_up_proj", "mlp_norm"),
+               "lm_head": lambda name: "norm"}  # a Linear's name -> its input norm's
 
 
 def folded_names(head):
