@@ -12,7 +12,7 @@ import sys
 
 from tachylm import engine as api
 from tachylm.cli_bench import add_bench_parser
-from tachylm.cli_quant import add_quant_parsers
+from tachylm.cli_quant import add_fold_norms_arg, add_quant_parsers
 
 CACHE_ENV = "TACHYLM_CACHE"
 
@@ -40,9 +40,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (default 128)")
     p.add_argument("--quant-head", action="store_true", help="quantize the output head too")
-    p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=True,
-                   help="int8: fold each RMSNorm's weight into the Linear after it (default on: "
-                        "~1%% faster decode; --no-fold-norms stays closer to the original model)")
+    add_fold_norms_arg(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int) -> None:
@@ -73,7 +71,8 @@ def _load(args) -> api.Engine:
                            max_seq_len=args.max_seq_len, compile=args.compile,
                            chat_template_file=args.chat_template, quant=args.quant,
                            group_size=args.group_size, quant_head=args.quant_head,
-                           fold_norms=args.fold_norms, cache_dir=os.environ.get(CACHE_ENV), progress=_progress)
+                           fold_norms=args.fold_norms, cache_dir=os.environ.get(CACHE_ENV),
+                           progress=_progress)
 
 
 def cmd_generate(args) -> int:

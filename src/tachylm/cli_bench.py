@@ -15,6 +15,7 @@ import shlex
 import sys
 
 from tachylm import bench
+from tachylm.cli_quant import add_fold_norms_arg
 
 DEFAULT_SHAPE = "llama-3.1-8b"
 MODEL_CACHE_ENV = "TACHYLM_CACHE"  # the same variable cli.py reads for downloads
@@ -51,9 +52,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight-only quantization (round-to-nearest) applied to the model")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--quant-head", action="store_true", help="quantize the output head too")
-    p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=True,
-                   help="int8: fold each RMSNorm's weight into the Linear after it (default on: "
-                        "~1%% faster decode; --no-fold-norms stays closer to the original model)")
+    add_fold_norms_arg(p)
     p.add_argument("--fast-linear", action=argparse.BooleanOptionalAction, default=True,
                    help="Triton GEMV for small-batch float Linears on CUDA (default on)")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,

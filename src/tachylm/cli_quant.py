@@ -117,8 +117,8 @@ def cmd_quantize(args) -> int:
         eval_ids = _eval_tokens(tokenizer, eval_text)
         reference = _token_nlls(model, eval_ids, args, "unquantized")
     quantize_model(model, args.mode, args.group_size, args.quant_head, calibration, _progress,
-                   device=device, fold_norms=args.fold_norms, **({"act_order": args.act_order, "damp": args.damp}
-                                     if gptq else {}))
+                   device=device, fold_norms=args.fold_norms,
+                   **({"act_order": args.act_order, "damp": args.damp} if gptq else {}))
     extra = {"source": path}
     if calibration is not None:
         extra["calibration"] = {"file": os.path.basename(args.calib), "n_samples": calibration.shape[0],
@@ -200,6 +200,12 @@ def _add_group_args(p: argparse.ArgumentParser) -> None:
                    help="int4 group size (default 128); must divide every layer's input width")
     p.add_argument("--quant-head", action="store_true",
                    help="quantize the output head too (a tied embedding stays in floating point)")
+    add_fold_norms_arg(p)
+
+
+def add_fold_norms_arg(p: argparse.ArgumentParser) -> None:
+    """`--fold-norms / --no-fold-norms`, for every command that quantizes (`quantize_model`'s
+    fold_norms)."""
     p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=True,
                    help="int8: fold each RMSNorm's weight into the Linear after it (default on: "
                         "~1%% faster decode; --no-fold-norms stays closer to the original model)")

@@ -52,21 +52,16 @@ HEAD = "lm_head"
 FOLD_NORM_MODES = ("int8",)
 
 
-def input_norm(model: nn.Module, name: str) -> RMSNorm | None:
-    """The RMSNorm whose output is the whole input of Linear `name` in a Transformer (a layer's
-    qkv_proj or gate_up_proj, or the head), if it still has its weight; else None."""
+def input_norms(model: nn.Module) -> dict[str, RMSNorm]:
+    """Linear name -> the RMSNorm whose output is its whole input, in a Transformer: each layer's
+    qkv_proj and gate_up_proj, and the head."""
     if not isinstance(model, Transformer):
-        return None
-    parts = name.split(".")
-    if name == HEAD:
-        norm = model.norm
-    elif len(parts) == 4 and parts[0] == "layers" and parts[2:] in (["attn", "qkv_proj"],
-                                                                    ["mlp", "gate_up_proj"]):
-        layer = model.layers[int(parts[1])]
-        norm = layer.attn_norm if parts[2] == "attn" else layer.mlp_norm
-    else:
-        return None
-    return norm if norm.weight.numel() else None
+        return {}
+    norms = {HEAD: model.norm}
+    for i, layer in enumerate(model.layers):
+        norms[f"layers.{i}.attn.qkv_proj"] = layer.attn_norm
+        norms[f"layers.{i}.mlp.gate_up_proj"] = layer.mlp_norm
+    return norms
 
 
 def fold_norm(norm: RMSNorm) -> None:
@@ -227,10 +222,13 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_h
         return module_specs(model)
     if calibration_tokens is not None or gptq_options:
         raise ValueError(f"calibration applies to {' and '.join(GPTQ_MODES)} only, not {mode}")
+    norms = input_norms(model) if fold_norms and mode in FOLD_NORM_MODES else {}
     for i, name in enumerate(names):
         linear = model.get_submodule(name)
         weight = head_weight(model) if name == HEAD else None
-        norm = input_norm(model, name) if fold_norms and mode in FOLD_NORM_MODES else None
+        norm = norms.get(name)
+        if norm is not None and not norm.weight.numel():
+            norm = None  # already folded: nothing to fold
         set_module(model, name, quantize_linear(linear, mode, group_size, name=name, weight=weight,
                                                 device=device,
                                                 norm_weight=None if norm is None else norm.weight))
