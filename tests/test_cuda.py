@@ -85,47 +85,6 @@ def test_prefill_graphs_equal_eager_prefill():
                                               (1, 32, True), (1, 64, True), (1, 256, True)]
 
 
-def _decode_logits(model, tokens, prompt_len):
-    """Logits of each step when `tokens` are fed: the prompt's last, then one decode step (the
-    one-row GEMVs and the decode attention kernel) per later token."""
-    cache = KVCache(CONFIG.n_layers, 1, 256, CONFIG.n_kv_heads, CONFIG.head_dim, device="cuda",
-                    dtype=next(model.parameters()).dtype)
-    with torch.no_grad():
-        out = [model(tokens[:, :prompt_len], torch.arange(prompt_len, device="cuda")[None], cache)[:, -1]]
-        for p in range(prompt_len, tokens.shape[1]):
-            out.append(model(tokens[:, p:p + 1], torch.tensor([[p]], device="cuda"), cache)[:, -1])
-    return torch.cat(out).float()
-
-
-def test_folded_norms_decode_like_the_weights_they_came_from():
-    """bf16 with each input norm folded into the next Linear (`fold_float_norms`, as Engine.load
-    does on CUDA; the GEMVs then read x alone, PROLOGUE 2) is as close to the float32 model, step
-    by step, as the unfolded bf16 model. (Greedy tokens are no measure here: random weights have
-    near-ties that either bf16 model may flip.)"""
-    from tachylm.build import fold_float_norms
-    from tachylm.kernels.linear import use_fast_linears
-    from tachylm.model import RMSNorm
-
-    def model(dtype, fold):
-        m = build_random_model(CONFIG, device="cuda", dtype=dtype, seed=0, std=0.1)
-        gen = torch.Generator().manual_seed(3)
-        for module in m.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-        use_fast_linears(m)
-        if fold:
-            assert fold_float_norms(m) == 2 * CONFIG.n_layers + 1
-        return m
-
-    tokens = torch.randint(0, CONFIG.vocab_size, (1, 45), generator=torch.Generator().manual_seed(0)).cuda()
-    reference = _decode_logits(model(torch.float32, False), tokens, 29)
-    scale = reference.abs().amax(-1)
-    plain, folded = ((_decode_logits(model(torch.bfloat16, fold), tokens, 29) - reference).abs().amax(-1)
-                     / scale for fold in (False, True))
-    assert plain.max() < 0.05, plain  # bf16's own error
-    assert folded.max() <= 2 * plain.max(), (folded, plain)
-
-
 def _tiny_checkpoint_folder(folder):
     """A tiny random Llama saved by transformers, with a byte-level BPE tokenizer and a template."""
     import json

@@ -55,8 +55,7 @@ from tachylm.quant import (SCHEMES, Fp8Linear, Int4Linear, Int8Linear, Quantized
 from tachylm.quant import schemes  # noqa: E402
 from tachylm.quant import gptq  # noqa: E402
 from tachylm.quant.gptq import calibration_windows, gptq_int4, gptq_int8, row_errors  # noqa: E402
-from tachylm.build import (build_quantized_model, canonical_tensors, fold_float_norms,  # noqa: E402
-                           fuse_tensors)
+from tachylm.build import build_quantized_model  # noqa: E402
 from tachylm.quant.io import is_quantized_folder, save_quantized  # noqa: E402
 
 EVAL_TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "eval.txt")
@@ -520,61 +519,6 @@ def test_fold_norms_false_keeps_the_norm_weights():
     assert not folded_norms(model) and len(quantized_modules(model)) == 9
     assert all(torch.equal(a, m.weight) for a, m in
                zip(gains, (m for m in model.modules() if isinstance(m, RMSNorm))))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tie", [True, False])
-def test_float_folding_scales_each_linear_once_and_keeps_the_function(tie, dtype):
-    """fold_float_norms (what Engine.load and the bench do on CUDA): W <- W * g multiplied in
-    float32 and rounded once, the norm left without a weight; a tied head and its norm stay."""
-    model = _random_norms(_tiny_model(tie=tie)).to(dtype)
-    expected = folded_names(head=not tie)
-    gains = {name: model.get_submodule(name).weight.clone() for name in expected}
-    weights = {name: model.get_submodule(name).weight.clone() for name in linear_names(model, True)}
-    tokens = torch.randint(0, 100, (2, 12))
-    reference = model(tokens).float()
-    assert fold_float_norms(model) == len(expected)
-    assert folded_norms(model) == expected
-    for name, w in weights.items():
-        norm = FOLDED_NORM.get(name.split(".")[-1])
-        if norm is not None and norm(name) in gains:
-            w = (w.float() * gains[norm(name)].float()).to(dtype)
-        assert torch.equal(model.get_submodule(name).weight, w), name
-    if tie:
-        assert model.lm_head.weight is model.embed.weight
-        assert torch.equal(model.norm.weight, gains.get("norm", model.norm.weight))
-        assert model.norm.weight.numel() == model.config.dim
-    logits = model(tokens).float()
-    tolerance = 1e-5 if dtype == torch.float32 else 0.05  # bf16: one rounding moved
-    assert (logits - reference).abs().max() <= tolerance * reference.abs().max()
-    assert fold_float_norms(model) == 0  # nothing left to fold
-
-
-@pytest.mark.parametrize("mode, folded", [("int4", ["norm"]), ("int8", folded_names(True))])
-def test_float_folding_leaves_quantized_linears_to_their_mode(mode, folded):
-    """After quantization only float Linears are folded: here the untied head; int4's norms keep
-    their weights (int4 does not fold), int8's were folded by the quantization."""
-    model = _random_norms(_tiny_model(tie=False))
-    quantize_model(model, mode, 32)
-    head = model.lm_head.weight.clone()
-    assert fold_float_norms(model) == 1
-    assert folded_norms(model) == folded
-    assert model.lm_head.weight.numel() == head.numel() and not torch.equal(model.lm_head.weight, head)
-
-
-def test_canonical_tensors_of_a_folded_model_describe_the_same_model():
-    """A folded model's checkpoint tensors (the bench hands them to transformers) give its norms
-    as ones, so an ordinary model built from them computes the same logits."""
-    model = _random_norms(_tiny_model(tie=False))
-    fold_float_norms(model)
-    tensors = canonical_tensors(model)
-    assert torch.equal(tensors["norm.weight"], torch.ones(model.config.dim))
-    assert torch.equal(tensors["layers.0.attn_norm.weight"], torch.ones(model.config.dim))
-    plain = _tiny_model(tie=False, seed=1)
-    plain.load_state_dict(fuse_tensors(dict(tensors)), strict=True)
-    assert not folded_norms(plain)
-    tokens = torch.randint(0, 100, (2, 12))
-    assert torch.allclose(plain(tokens), model(tokens), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int4", "int8-gptq"])

@@ -32,8 +32,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from tachylm.build import (build_model, build_random_model, canonical_tensors, fold_float_norms,
-                           parse_dtype)
+from tachylm.build import build_model, build_random_model, canonical_tensors, parse_dtype
 from tachylm.cache import KVCache
 from tachylm.checkpoints.hf import canonical_name
 from tachylm.checkpoints.resolve import resolve_model
@@ -99,10 +98,8 @@ class BenchOptions:
         model: a model reference (alias, path, hub id) to load real weights instead.
         compile: compile the decode step; None = on CUDA only.
         compile_prefill: also compile prefill (dynamic length) for the prefill runs.
-        quant, group_size, quant_head: weight-only quantization applied after building
-            (round-to-nearest; see tachylm.quant), or None for the checkpoint's dtype.
-        fold_norms: fold the input norms' weights into the Linears after them, as `Engine.load`
-            does (int8's quantization; the float Linears with `fast_linear` on CUDA).
+        quant, group_size, quant_head, fold_norms: weight-only quantization applied after
+            building (round-to-nearest; see tachylm.quant), or None for the checkpoint's dtype.
         fast_linear: on CUDA, route small-batch float Linears through tachylm's Triton GEMV
             (tachylm.kernels.linear.FastLinear) instead of cuBLAS.
         pdl: programmatic dependent launch of tachylm's Triton kernels where the GPU and Triton
@@ -273,8 +270,6 @@ def _load_model(options: BenchOptions, device: torch.device, dtype: torch.dtype,
                            device=device, fold_norms=options.fold_norms)
     if options.fast_linear and device.type == "cuda":
         use_fast_linears(model)
-        if options.fold_norms:
-            fold_float_norms(model)  # as Engine.load
     return model
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
 from tachylm.checkpoints import Checkpoint, CheckpointError
 from tachylm.config import ModelConfig
-from tachylm.model import RMSNorm, Transformer
-from tachylm.quant import HEAD, fold_norm, input_norms, prepare_for_quantized_load
+from tachylm.model import Transformer
+from tachylm.quant import HEAD, prepare_for_quantized_load
 from tachylm.quant.io import (QUANT_FILE, fold_listed_norms, read_quantization_json,
                               read_quantized_weights)
 from tachylm.quant.schemes import check_fp8_device
@@ -67,11 +66,7 @@ def fuse_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def canonical_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under canonical checkpoint names (fused matrices split back; views).
-
-    A folded norm (`fold_float_norms`, int8's folding) has no weight of its own: it is given as
-    ones, its scale being in the Linear after it, so the tensors describe the same function in
-    the layout every checkpoint has."""
+    """The model's weights under canonical checkpoint names (fused matrices split back; views)."""
     config = model.config
     sizes = {"attn.qkv_proj": [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2,
              "mlp.gate_up_proj": [config.ffn_dim] * 2}
@@ -80,8 +75,6 @@ def canonical_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
         base, _, suffix = name.rpartition(".")
-        if isinstance(model.get_submodule(base), RMSNorm) and not tensor.numel():
-            tensor = tensor.new_ones(model.get_submodule(base).dim)
         fused = next((f for f in FUSED if base.endswith("." + f)), None)
         if fused is None:
             out[name] = tensor
@@ -148,40 +141,6 @@ def build_quantized_model(folder: str | os.PathLike[str], *, device: torch.devic
     tied = config.tie_embeddings and HEAD not in specs
     state = read_quantized_weights(folder, model, tied, device, dtype, meta["format_version"])
     return _assign(model, state, tied, device, max_seq_len)
-
-
-# The model's parameters are scaled by at most this many elements at a time by
-# `fold_float_norms` (a float32 copy of 2^24 elements: 64 MiB).
-FOLD_CHUNK = 1 << 24
-
-
-@torch.no_grad()
-def fold_float_norms(model: Transformer) -> int:
-    """Fold each input RMSNorm's weight g into the float Linear after it, in place: W <- W * g
-    (multiplied in float32, rounded once to W's dtype), and the norm keeps no weight
-    (`quant.fold_norm`). The function is the same, W (g * x_normed) = (W * g) x_normed; the
-    decode GEMVs then read x alone. The loaders call it on CUDA (`Engine.load`, the bench), where
-    those kernels run; elsewhere it would change the rounding and save nothing.
-
-    Skipped: quantized Linears (their mode decides: `quant.FOLD_NORM_MODES`), norms already
-    folded, and a head tied to the embedding (folding it would need a second copy of the table).
-
-    Returns:
-        How many norms were folded.
-    """
-    folded = 0
-    for name, norm in input_norms(model).items():
-        linear = model.get_submodule(name)
-        if (not isinstance(linear, nn.Linear) or not norm.weight.numel()
-                or linear.weight is model.embed.weight):
-            continue
-        weight, scale = linear.weight, norm.weight.to(linear.weight.device, torch.float32)
-        rows = max(1, FOLD_CHUNK // weight.shape[1])
-        for chunk in weight.split(rows):  # views: the Parameter is updated where it is
-            chunk.copy_(chunk.to(torch.float32) * scale)
-        fold_norm(norm)
-        folded += 1
-    return folded
 
 
 def _assign(model: Transformer, state: dict[str, torch.Tensor], tied: bool, device: torch.device | str,

@@ -204,12 +204,11 @@ def _add_group_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_fold_norms_arg(p: argparse.ArgumentParser) -> None:
-    """`--fold-norms / --no-fold-norms`, for every command that quantizes or decodes
-    (`quantize_model`'s and `Engine.load`'s fold_norms)."""
+    """`--fold-norms / --no-fold-norms`, for every command that quantizes (`quantize_model`'s
+    fold_norms)."""
     p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=True,
-                   help="fold each RMSNorm's weight into the Linear after it: int8 always, 16-bit "
-                        "weights where the CUDA decode kernels run (generate, chat, bench). Default "
-                        "on: ~1%% faster decode; --no-fold-norms stays closer to the original model")
+                   help="int8: fold each RMSNorm's weight into the Linear after it (default on: "
+                        "~1%% faster decode; --no-fold-norms stays closer to the original model)")
 
 
 def add_quant_parsers(subparsers) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from tachylm.build import build_model, build_quantized_model, fold_float_norms, parse_dtype
+from tachylm.build import build_model, build_quantized_model, parse_dtype
 from tachylm.cache import KVCache
 from tachylm.chat import ChatTemplate
 from tachylm.checkpoints import Checkpoint
@@ -152,9 +152,8 @@ class Engine:
             chat_template_file: a Jinja2 template overriding the checkpoint's own.
             quant: quantize on the fly ("int8", "fp8", "int4"; round-to-nearest), or None.
             group_size, quant_head: int4 group size; quantize the output head too.
-            fold_norms: fold each input RMSNorm's weight into the Linear after it, for ~1% faster
-                decode: int8 always (`tachylm.quant.quantize_model`), 16-bit weights on CUDA
-                (`tachylm.build.fold_float_norms`). False keeps the weights as loaded.
+            fold_norms: int8 folds each RMSNorm's weight into the Linear after it (faster
+                decode); False keeps the weights (`tachylm.quant.quantize_model`).
             cache_dir: where downloaded models are kept.
             progress: called with progress lines (downloads, loading).
         """
@@ -186,8 +185,6 @@ class Engine:
                                 max_seq_len=max_seq_len)
             apply_quant_option(model, quant, group_size, quant_head, progress, device=torch_device,
                                fold_norms=fold_norms)
-        if fold_norms and torch_device.type == "cuda":
-            fold_float_norms(model)  # where the GEMVs that gain from it run
         if not quantized and path.endswith(".gguf"):
             # The reader already parsed the GGUF header; its vocabulary is in the metadata.
             tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata, source=path)

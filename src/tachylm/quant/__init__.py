@@ -49,8 +49,7 @@ HEAD = "lm_head"
 # after it (module docstring). The kernel then reads no norm weight: int8 decode-8b with its head
 # 327.7-327.8 -> 331.0-331.1 tokens/s on an H100 (BENCHMARKS.md); int8's perplexity change on
 # SmolLM2 is in the quality table there. fp8 is not folded: on SmolLM2 folding took its change from
-# +0.72% to +1.56% (+2.11% with the head), past its 1% line. Float Linears are folded at load on
-# CUDA instead (`tachylm.build.fold_float_norms`).
+# +0.72% to +1.56% (+2.11% with the head), past its 1% line (BENCHMARKS.md).
 FOLD_NORM_MODES = ("int8",)
 
 
