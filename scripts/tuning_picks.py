@@ -13,7 +13,8 @@ what is equal alone need not be equal between the step's other kernels. This scr
              dtypes it is tuned for), the config picked and, where this process timed the
              candidates (not a Triton-cache hit), every candidate's time in milliseconds.
 --pin FILE   makes the autotuners take the picks in FILE (a --dump from another machine or run)
-             instead of timing or reading the cache; the picks no kernel met are listed at the end.
+             instead of timing or reading the cache; picks for kernels the command never made are
+             listed at the end.
 
 Both may be given (pin some picks, dump all). Everything after `--` is a tachylm command line.
 """
@@ -44,8 +45,8 @@ class Picks:
     the candidates' times each one measures, per key."""
 
     def __init__(self, pins: dict | None = None):
-        # kernel name -> key tuple -> config dict
-        self.pins = {name: {tuple(k): c for k, c in by_key} for name, by_key in (pins or {}).items()}
+        # kernel name -> key tuple -> triton.Config (`read_pins`)
+        self.pins = {name: dict(by_key) for name, by_key in (pins or {}).items()}
         self.pinned: set[tuple[str, tuple]] = set()
         self.tuners: list[Autotuner] = []
         self.timings: dict[tuple[int, tuple], list] = {}
@@ -74,14 +75,14 @@ class Picks:
         Autotuner.__init__, Autotuner.run = watched_init, watched_run
 
     def adopt(self, tuner: Autotuner) -> None:
-        """Keep `tuner` and give it the pins of its kernel whose config it has."""
+        """Keep `tuner` and give it its kernel's pins. The config is built from the pin, not
+        looked up among the tuner's base configs: the GEMVs' candidates are made when they are
+        tuned (`quant_matmul._prune` sets SPLIT_K per shape)."""
         self.tuners.append(tuner)
         name = kernel_name(tuner)
-        for key, wanted in self.pins.get(name, {}).items():
-            config = next((c for c in tuner.configs if config_dict(c) == wanted), None)
-            if config is not None:
-                tuner.cache[key] = config
-                self.pinned.add((name, key))
+        for key, config in self.pins.get(name, {}).items():
+            tuner.cache[key] = config
+            self.pinned.add((name, key))
 
     def unused_pins(self) -> list[tuple[str, tuple]]:
         return [(name, key) for name, by_key in self.pins.items() for key in by_key
@@ -103,8 +104,21 @@ def _floats(timing) -> list[float]:
     return [float(t) for t in (timing if isinstance(timing, (list, tuple)) else [timing])]
 
 
+def make_config(d: dict) -> triton.Config:
+    """The triton.Config a `config_dict` describes (ValueError if it is not one)."""
+    try:
+        if not isinstance(d["kwargs"], dict):
+            raise TypeError("kwargs is not an object")
+        return triton.Config(dict(d["kwargs"]), num_warps=int(d["num_warps"]),
+                             num_stages=int(d["num_stages"]), num_ctas=int(d.get("num_ctas", 1)),
+                             maxnreg=d.get("maxnreg"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a config ({type(e).__name__}: {e})") from e
+
+
 def read_pins(path: str) -> dict:
-    """kernel name -> [(key, config dict)] from a --dump file; ValueError names what is wrong."""
+    """kernel name -> [(key tuple, triton.Config)] from a --dump file; ValueError names what is
+    wrong."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -118,7 +132,11 @@ def read_pins(path: str) -> dict:
         if not (isinstance(record, dict) and isinstance(record.get("kernel"), str)
                 and isinstance(record.get("key"), list) and isinstance(record.get("config"), dict)):
             raise ValueError(f"--pin {path}: pick {i} lacks kernel, key or config")
-        pins.setdefault(record["kernel"], []).append((tuple(record["key"]), record["config"]))
+        try:
+            config = make_config(record["config"])
+        except ValueError as e:
+            raise ValueError(f"--pin {path}: pick {i}: {e}") from e
+        pins.setdefault(record["kernel"], []).append((tuple(record["key"]), config))
     return pins
 
 

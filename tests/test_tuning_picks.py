@@ -78,29 +78,36 @@ def test_a_pin_replaces_the_timing_on_another_run(tmp_path, monkeypatch):
     pinned = tp.Picks(tp.read_pins(str(path)))
     pinned.install()
     tuner = _tuner()
-    assert tuner.cache == {KEY: CONFIGS[0]}  # before any run: Triton times nothing for KEY
+    # before any run: Triton will time nothing for KEY
+    assert [tp.config_dict(c) for c in tuner.cache.values()] == [tp.config_dict(CONFIGS[0])]
     assert pinned.unused_pins() == []
     [record] = pinned.records()[-1:]
     assert record["pinned"] and record["config"] == tp.config_dict(CONFIGS[0])
 
 
-def test_a_pin_no_kernel_takes_is_reported(tmp_path):
-    unknown = {"kwargs": {"BLOCK": 128}, "num_warps": 4, "num_stages": 2, "num_ctas": 1,
-               "maxnreg": None}
+def test_a_pin_beyond_the_base_configs_is_taken_and_one_no_kernel_meets_is_reported(tmp_path):
+    """The GEMVs' candidates are made at tuning time (SPLIT_K per shape), so a pin need not be
+    one of the tuner's base configs; a pin for a kernel the command never makes is listed."""
+    made = {"kwargs": {"BLOCK": 128, "SPLIT_K": 4}, "num_warps": 4, "num_stages": 2, "num_ctas": 1,
+            "maxnreg": None}
     path = tmp_path / "picks.json"
     path.write_text(json.dumps({"format": tp.FORMAT, "picks": [
-        {"kernel": "_kernel", "key": list(KEY), "config": unknown},
+        {"kernel": "_kernel", "key": list(KEY), "config": made},
         {"kernel": "_other_kernel", "key": [1], "config": tp.config_dict(CONFIGS[0])}]}))
     picks = tp.Picks(tp.read_pins(str(path)))
     picks.install()
-    assert _tuner().cache == {}
-    assert picks.unused_pins() == [("_kernel", KEY), ("_other_kernel", (1,))]
+    tuner = _tuner()
+    assert [tp.config_dict(c) for c in tuner.cache.values()] == [made]
+    assert list(tuner.cache) == [KEY]
+    assert picks.unused_pins() == [("_other_kernel", (1,))]
 
 
 @pytest.mark.parametrize("text, message", [
     ("{not json", "cannot read it"),
     (json.dumps({"format": 99, "picks": []}), "not a tuning_picks --dump file"),
     (json.dumps({"format": 1, "picks": [{"kernel": "k"}]}), "pick 0 lacks kernel, key or config"),
+    (json.dumps({"format": 1, "picks": [{"kernel": "k", "key": [], "config": {"kwargs": {}}}]}),
+     "pick 0: not a config .*num_warps"),
 ])
 def test_bad_pin_files_are_refused_with_the_reason(tmp_path, text, message):
     path = tmp_path / "picks.json"
