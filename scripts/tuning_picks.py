@@ -4,7 +4,7 @@ Usage:
     PYTHONPATH=src python3 scripts/tuning_picks.py --dump picks.json -- bench --shape llama-2-7b
     PYTHONPATH=src python3 scripts/tuning_picks.py --pin picks.json -- bench --shape llama-2-7b
 
-The GEMV, MLP and attention kernels are tuned by timing each candidate alone, from an emptied
+The GEMV and MLP kernels are tuned by timing each candidate alone, from an emptied
 L2 (`quant_matmul._tuning_bench`), once per machine (the picks go to the Triton cache). Candidates
 within the timing's noise of each other can then be picked differently on two machines, and
 what is equal alone need not be equal between the step's other kernels. This script shows it:
