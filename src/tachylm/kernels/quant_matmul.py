@@ -1757,6 +1757,15 @@ def _gemv_applies(scheme: int, m: int, dtype: torch.dtype) -> bool:
     return 1 <= m <= max_m and (dtype != torch.float32 or _kernel_kind(scheme, m) == "m1")
 
 
+def _norm_prologue(norm_weight: Optional[torch.Tensor]) -> int:
+    """The GEMV kernels' PROLOGUE for a fusion's norm weight: 0 no RMSNorm, 1 an RMSNorm with its
+    weight, 2 one without (empty: folded into the layer's weight, `Fusion`), so the kernel reads
+    no norm weight (+1.0% for int8 decode-8b with its head, BENCHMARKS.md)."""
+    if norm_weight is None:
+        return 0
+    return 1 if norm_weight.numel() else 2
+
+
 def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[torch.Tensor],
           zero: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor],
           config: Optional[dict] = None, kind: Optional[str] = None,
@@ -1802,9 +1811,7 @@ def _gemv(scheme: int, x: torch.Tensor, qweight: torch.Tensor, scale: Optional[t
     bias_arg = out if bias is None else bias
     norm_arg = out if fusion.norm_weight is None else fusion.norm_weight  # never read if absent
     residual_arg = out if fusion.residual is None else fusion.residual
-    # 1: RMSNorm with its weight; 2: without one (folded into the weight, `Fusion`), so the
-    # kernel reads no norm weight (+1.0% for int8 decode-8b with its head, BENCHMARKS.md)
-    prologue = 0 if fusion.norm_weight is None else 1 if fusion.norm_weight.numel() else 2
+    prologue = _norm_prologue(fusion.norm_weight)
     # Inline PTX on the GPU; the interpreter (CPU tensors) runs the plain Triton forms.
     fast = x.is_cuda
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
@@ -2423,8 +2430,7 @@ def _mlp_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     tags, counts = _mlp_buffers(x.device, hidden, n2, config)
     args = (x, norm_weight, gate_up, down, residual, out, tags, counts, n1, k, n2,
             gate_up.stride(0), down.stride(0), eps)
-    # the RMSNorm with its weight (1) or without one (2: folded, `Fusion`)
-    common = dict(FAST=x.is_cuda, PROLOGUE=1 if norm_weight.numel() else 2, **pdl_launch(x.device))
+    common = dict(FAST=x.is_cuda, PROLOGUE=_norm_prologue(norm_weight), **pdl_launch(x.device))
 
     def grid(meta):
         return (triton.cdiv(n1, meta["BLOCK_N1"]) + triton.cdiv(n2, meta["BLOCK_N2"]),)
