@@ -67,11 +67,11 @@ class Picks:
                 return run(tuner, *args, **kwargs)
             finally:
                 timings = getattr(tuner, "configs_timings", None)
-                for key in set(tuner.cache) - known:
-                    if timings is not None and timings is not before:
-                        picks.timings[(id(tuner), key)] = sorted(
-                            ([config_dict(c), _floats(t)] for c, t in timings.items()),
-                            key=lambda item: item[1][0])
+                if timings is not None and timings is not before:  # this run timed candidates
+                    ranked = sorted(([config_dict(c), _floats(t)] for c, t in timings.items()),
+                                    key=lambda item: item[1][0])
+                    for key in set(tuner.cache) - known:
+                        picks.timings[(id(tuner), key)] = ranked
         Autotuner.__init__, Autotuner.run = watched_init, watched_run
 
     def adopt(self, tuner: Autotuner) -> None:
