@@ -101,3 +101,20 @@ def test_decode_with_a_penalty_needs_seen(model):
     plan = plan_for([params], CONFIG.vocab_size)
     with pytest.raises(ValueError, match="seen"):
         _steps(model).decode(torch.tensor([[1]]), torch.tensor([[0]]), to_tensors([params], "cpu"), plan)
+
+
+def test_fresh_prefill_equals_the_masked_one(model):
+    """A prompt at position 0 (`fresh`: causal attention over its own slots) leaves the same
+    logits and cache as the position-masked prefill; a kv_limit other than its length is
+    refused."""
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fresh in (True, False):
+        cache = KVCache(CONFIG.n_layers, 2, 32, CONFIG.n_kv_heads, CONFIG.head_dim)
+        with torch.no_grad():
+            logits = model(tokens, cache=cache, kv_limit=11, fresh=fresh)
+        results.append([logits, *cache.k, *cache.v])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kv_limit must be 11"):
+        model(tokens, cache=cache, kv_limit=12, fresh=True)

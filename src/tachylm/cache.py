@@ -59,23 +59,7 @@ class KVCache:
             t.zero_()
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's (keys, values) buffers, for a kernel that writes its new entries itself
-        (decode attention); each [B, n_kv_heads, max_seq_len, head_dim]."""
+        """The layer's (keys, values) buffers, which attention writes its new entries into at
+        their positions (`kernels.elementwise.rotate_into_cache` in prefill, the decode attention
+        kernel in decode); each [B, n_kv_heads, max_seq_len, head_dim]."""
         return self.k[layer], self.v[layer]
-
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values and return the layer's whole buffers.
-
-        Args:
-            layer: layer index.
-            input_pos: [B, T] positions the new entries belong at.
-            k, v: [B, n_kv_heads, T, head_dim].
-        Returns:
-            (keys, values), each [B, n_kv_heads, max_seq_len, head_dim].
-        """
-        k_layer, v_layer = self.k[layer], self.v[layer]
-        # Advanced indices around a slice put the indexed dims first: the target is [B, T, H, D].
-        k_layer[self.batch_index, :, input_pos] = k.transpose(1, 2).to(k_layer.dtype)
-        v_layer[self.batch_index, :, input_pos] = v.transpose(1, 2).to(v_layer.dtype)
-        return k_layer, v_layer

@@ -14,7 +14,9 @@ with the element-wise steps around it as keywords: the RMSNorm before qkv, gate_
 down (`residual=`). On the CPU these are the usual PyTorch ops; on a GPU the decode kernels do them
 while they read the weights (kernels/quant_matmul.py); decode attention rotates q and k and
 writes the new key and value into the cache itself (kernels/attention.py), so a decode layer
-costs five kernels.
+costs five kernels. Prefill multiplies with cuBLAS, and on a GPU the steps between are one kernel
+each (kernels/elementwise.py: SwiGLU, and q and k rotated with k and v written into the cache; the
+RMSNorm is quant_matmul's); a prompt at position 0 (`fresh`) attends with a causal SDPA kernel.
 
 Differences between families are flags on `ModelConfig`: grouped-query attention
 (n_kv_heads < n_heads), q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tachylm.config import ModelConfig, rope_frequencies
-from tachylm.kernels.attention import apply_rotary, decode_attention
+from tachylm.kernels.attention import decode_attention
+from tachylm.kernels.elementwise import apply_rotary, rotate_into_cache
 from tachylm.kernels.linear import FusedLinear, mlp
 from tachylm.kernels.quant_matmul import rms_norm_ref
 
@@ -125,13 +128,17 @@ class Attention(nn.Module):
                                    rope_sin, k[:, :, 0], v[:, :, 0], kv_limit, rope_table=table,
                                    feed=self.output_link)
             return self.o_proj(out.reshape(batch, 1, self.q_size), residual=x)  # out: [B, H, D]
-        k = apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, input_pos, k, v)
+            # Prefill: one kernel (on CUDA) rotates q and k and writes k and v into the cache.
+            k_layer, v_layer = cache.layer(layer)
+            q = rotate_into_cache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  cos[:, 0], sin[:, 0], input_pos, k_layer, v_layer)
+            k, v = k_layer, v_layer
             if kv_limit is not None:  # attend over the filled slots only
                 k, v = k[:, :, :kv_limit], v[:, :, :kv_limit]
             k, v = k.to(q.dtype), v.to(q.dtype)
-        q = apply_rotary(q, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if mask is None:
             if self.n_kv_heads != self.n_heads:
                 repeat = self.n_heads // self.n_kv_heads
@@ -200,7 +207,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, logit_index: torch.Tensor | None = None,
-                kv_limit: int | None = None, float_logits: bool = True) -> torch.Tensor:
+                kv_limit: int | None = None, float_logits: bool = True,
+                fresh: bool = False) -> torch.Tensor:
         """Run the network.
 
         Args:
@@ -213,6 +221,9 @@ class Transformer(nn.Module):
                 below it. Saves reading the empty part of a long cache (eager decode).
             float_logits: return the logits in float32 (False: in the output head's dtype, which
                 float32 holds exactly; a compiled decode step then writes no float32 copy).
+            fresh: the tokens are positions 0..T-1 of every row (a prompt at the cache's start,
+                the caller's promise): attention is plainly causal over the first T slots (a
+                causal SDPA kernel instead of a masked one; kv_limit, if given, must be T).
         Returns:
             logits [B, T, vocab] (or [B, 1, vocab] with `logit_index`), float32.
         """
@@ -224,7 +235,12 @@ class Transformer(nn.Module):
         cos = self.rope_cos[input_pos][:, None]  # [B, 1, T, head_dim / 2]
         sin = self.rope_sin[input_pos][:, None]
         mask = None
-        if cache is not None:
+        if fresh:
+            if kv_limit not in (None, seq):
+                raise ValueError(f"fresh tokens fill cache slots 0..{seq - 1}: kv_limit must be "
+                                 f"{seq} (or None), got {kv_limit}")
+            kv_limit = seq
+        elif cache is not None:
             slots = torch.arange(kv_limit or cache.max_seq_len, device=tokens.device)
             mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, S]
         x = self.embed(tokens)

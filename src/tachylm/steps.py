@@ -53,8 +53,8 @@ class _PrefillGraph:
     it writes the prompt's keys and values into the cache and leaves the logits of each row's last
     real token in `logits`.
 
-    A graph for prompts at position 0 attends over the prompt's own slots (kv_limit = its
-    length); one for later prompts (a chat's next turn) over the whole cache, masked by position,
+    A graph for prompts at position 0 attends causally over the prompt's own slots (kv_limit =
+    its length, `fresh`); one for later prompts (a chat's next turn) over the whole cache, masked by position,
     since where the history ends changes from call to call.
     """
 
@@ -67,7 +67,8 @@ class _PrefillGraph:
         self.logit_index = logit_index.clone()
 
         def run():
-            return steps._prefill_impl(self.tokens, self.input_pos, self.logit_index, kv_limit)
+            return steps._prefill_impl(self.tokens, self.input_pos, self.logit_index, kv_limit,
+                                       fresh=kv_limit is not None)
 
         # The first run, outside the capture, also tunes and sets up the kernels (their first
         # call must not be captured).
@@ -206,8 +207,8 @@ class Steps:
     def device(self) -> torch.device:
         return self.cache.device
 
-    def _prefill_impl(self, tokens, input_pos, logit_index, kv_limit=None):
-        return self.model(tokens, input_pos, self.cache, logit_index, kv_limit)[:, 0]
+    def _prefill_impl(self, tokens, input_pos, logit_index, kv_limit=None, fresh=False):
+        return self.model(tokens, input_pos, self.cache, logit_index, kv_limit, fresh=fresh)[:, 0]
 
     def _decode_impl(self, token, input_pos, settings, seen, plan, kv_limit=None, advance=False):
         # The logits in the head's dtype (float32 would hold them exactly): a 16-bit one selects
@@ -313,7 +314,8 @@ class Steps:
             return graph(tokens, input_pos, logit_index)
         if self.compile_prefill:
             return self._prefill_fn(tokens, input_pos, logit_index).clone()
-        return self._prefill_fn(tokens, input_pos, logit_index, start_pos + padded)
+        return self._prefill_fn(tokens, input_pos, logit_index, start_pos + padded,
+                                fresh=start_pos == 0)
 
     @torch.inference_mode()
     def decode(self, token: torch.Tensor, input_pos: torch.Tensor | int, settings: SamplingTensors,

@@ -3,8 +3,9 @@
 `quant_matmul` holds the decode-regime linear layers: weight-only quantized (int8, fp8, group-wise
 int4) and dense, with the fusions around them (RMSNorm, SiLU-multiply, residual). `linear` holds
 the model's `FusedLinear` and `FastLinear`, the `nn.Linear`s whose forward takes the fusions
-(in PyTorch ops, or the dense kernels). `attention` holds the decode attention kernel, `topk`
-the top-k sampling kernels.
+(in PyTorch ops, or the dense kernels). `attention` holds the decode attention kernel,
+`elementwise` the element-wise steps of prefill (SwiGLU; rotary embedding with the cache write),
+`topk` the top-k sampling kernels.
 """
 
 import torch

@@ -44,6 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tachylm.kernels.elementwise import apply_rotary
 from tachylm.kernels.quant_matmul import (HAS_TRITON, input_link, pdl_launch, prepared_views,
                                           split_counters)
 
@@ -111,20 +112,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.T
         if t is not None and tuple(t.shape) != want:
             raise ValueError(f"decode_attention: {name} must be [B, KVH, D] = {list(want)}, got "
                              f"{list(t.shape)}")
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + head_dim/2) of each head (Hugging Face's half-split order).
-
-    Args:
-        x: [..., head_dim].
-        cos, sin: float32, broadcastable to [..., head_dim / 2].
-    Returns:
-        x's shape and dtype (computed in float32).
-    """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

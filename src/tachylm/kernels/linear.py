@@ -7,7 +7,8 @@ computes `residual + epilogue(W @ prologue(x) + b)` in PyTorch ops
 (`quant_matmul.dense_linear_ref`); the model builds every projection as one. `FastLinear` computes
 the same with `dense_linear`: on CUDA for decode-sized inputs the Triton GEMV kernels do the fusion
 while they read the weight, so each step costs no kernel of its own; elsewhere (CPU, prefill-sized
-inputs, float32 with several rows, autograd) it is `F.linear` with the fusion around it. The
+inputs, float32 with several rows, autograd) it is `F.linear` with the fusion around it (on CUDA
+the RMSNorm and SwiGLU as one kernel each, `quant_matmul.fused_linear`). The
 quantized Linears of `tachylm.quant` take the same keywords.
 
 Both keep `nn.Linear`'s parameters, state-dict keys, `assign=True` loading and weight tying.

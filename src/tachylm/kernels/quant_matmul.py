@@ -91,6 +91,8 @@ try:
 except ImportError:  # CPU-only installs: the references serve every call
     triton = None
 
+from tachylm.kernels.elementwise import swiglu, swiglu_ref
+
 HAS_TRITON = triton is not None
 
 INT8, FP8, INT4, DENSE = 0, 1, 2, 3  # SCHEME in the kernels, which compare literal values
@@ -259,12 +261,6 @@ def linear_input_ref(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
     if fusion.norm_weight is not None:
         x = rms_norm_ref(x, fusion.norm_weight, fusion.eps)
     return x
-
-
-def swiglu_ref(y: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up of y = [..., gate | up] (two halves of the last dimension)."""
-    gate, up = y.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def fused_linear_ref(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
@@ -2245,6 +2241,21 @@ def _linear_input(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
     return rows.reshape(x.shape)
 
 
+def fused_linear(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
+    """`fused_linear_ref` with its RMSNorm and SwiGLU as one kernel each on CUDA: the fusion of
+    the many-row (prefill) path, around cuBLAS. Elsewhere, under torch.compile (which fuses the
+    PyTorch ops itself) and where autograd records: `fused_linear_ref`."""
+    tensors = (x, fusion.norm_weight, fusion.residual)
+    if (not _use_triton(x) or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in tensors))):
+        return fused_linear_ref(linear, x, fusion)
+    y = linear(_linear_input(x, fusion))
+    if fusion.swiglu:
+        y = swiglu(y)
+    return y if fusion.residual is None else fusion.residual + y
+
+
 def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
              fusion: Fusion, extra: tuple = (), norm_inside: bool = False) -> torch.Tensor:
     """op(x as [M, K], *operands, *fusion, *extra) reshaped to [..., n] ([..., n / 2] with
@@ -2256,7 +2267,7 @@ def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
     """
     m = math.prod(x.shape[:-1])
     if _is_fused(fusion) and not (norm_inside or _gemv_applies(scheme, m, x.dtype)):
-        return fused_linear_ref(
+        return fused_linear(
             lambda t: _call_op(scheme, op, t, n, operands, NO_FUSION, extra), x, fusion)
     if _kernel_kind(scheme, m) == "dot" and fusion.norm_weight is not None and not norm_inside:
         # The tensor-core kernel takes SwiGLU and the residual but not the RMSNorm: computing it
@@ -2384,7 +2395,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     On CUDA (with Triton), for up to DENSE_GEMV_MAX_M rows of x (float32: one row) with x, weight
     and bias of one dtype and no autograd recording: the Triton GEMV kernels, which read the weight
     faster than cuBLAS's GEMV and do the fusion in place. Everything else: `dense_linear_ref`
-    (`F.linear`, cuBLAS on CUDA, with the fusion as PyTorch ops).
+    (`F.linear`, cuBLAS on CUDA, with the fusion as PyTorch ops; on CUDA its RMSNorm and SwiGLU
+    as one kernel each, `fused_linear`).
 
     Args:
         x: [..., K] float32 / bfloat16 / float16.
@@ -2396,6 +2408,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """
     fusion = make_fusion(norm, swiglu, residual)
     if not _dense_gemv_applies(x, weight, bias, fusion):  # bad fusions raise in the reference
+        if _use_triton(x) and _is_fused(fusion) and weight.dim() == 2:  # prefill-sized x
+            _check_fusion("dense_linear", x, weight.shape[1], weight.shape[0], fusion)
+            return fused_linear(lambda t: F.linear(t, weight, bias), x, fusion)
         return dense_linear_ref(x, weight, bias, norm=norm, swiglu=swiglu, residual=residual)
     return _call_op(DENSE, _dense_linear_op, x, weight.shape[0], (weight, bias), fusion)
 
