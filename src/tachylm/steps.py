@@ -54,8 +54,8 @@ class _PrefillGraph:
     real token in `logits`.
 
     A graph for prompts at position 0 attends causally over the prompt's own slots (kv_limit =
-    its length, `fresh`); one for later prompts (a chat's next turn) over the whole cache, masked by position,
-    since where the history ends changes from call to call.
+    its length, `fresh`); one for later prompts (a chat's next turn) over the whole cache, masked
+    by position, since where the history ends changes from call to call.
     """
 
     def __init__(self, steps: "Steps", tokens: torch.Tensor, input_pos: torch.Tensor,
