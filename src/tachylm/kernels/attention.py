@@ -52,6 +52,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from tachylm.kernels.elementwise import _rotate
     from tachylm.kernels.quant_matmul import _store_x_groups, pdl_release, pdl_start
 
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -166,13 +167,6 @@ if HAS_TRITON:
             return tl.dot(a, b, input_precision="ieee")
         else:
             return tl.dot(a, b)
-
-    @triton.jit
-    def _rotate(x1, x2, cos, sin, DTYPE: tl.constexpr):
-        """Rotary pairs (x1, x2) by (cos, sin) in float32 (as apply_rotary), rounded to DTYPE."""
-        x1f = x1.to(tl.float32)
-        x2f = x2.to(tl.float32)
-        return (x1f * cos - x2f * sin).to(DTYPE), (x2f * cos + x1f * sin).to(DTYPE)
 
     @triton.jit
     def _prepare_heads(o, heads, g_ok, b, pw_ptr, ps_ptr, psx_ptr, N_HEADS: tl.constexpr,

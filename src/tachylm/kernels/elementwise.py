@@ -59,6 +59,13 @@ def swiglu_ref(y: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _rotate(x1, x2, cos, sin, DTYPE: tl.constexpr):
+        """Rotary pairs (x1, x2) by (cos, sin) in float32 (as apply_rotary), rounded to DTYPE."""
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        return (x1f * cos - x2f * sin).to(DTYPE), (x2f * cos + x1f * sin).to(DTYPE)
+
+    @triton.jit
     def _swiglu_kernel(y_ptr, out_ptr, F_, stride_y, stride_o, BLOCK: tl.constexpr):
         """out[m, f] = SiLU(y[m, f]) * y[m, F + f], in float32; grid (M, cdiv(F, BLOCK))."""
         row = tl.program_id(0).to(tl.int64)
@@ -88,24 +95,24 @@ if HAS_TRITON:
         if tl.program_id(1) == 0:
             mask = (heads < H)[:, None]
             src = q_ptr + b * sq_b + t * sq_t + heads[:, None] * sq_h + d[None, :]
-            x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+            q1, q2 = _rotate(tl.load(src, mask=mask, other=0.0),
+                             tl.load(src + HALF, mask=mask, other=0.0), cos, sin,
+                             q_out_ptr.dtype.element_ty)
             # q_out [B, H, T, D], contiguous
             dst = q_out_ptr + ((b * H + heads[:, None]) * T + t) * D + d[None, :]
-            tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + HALF, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst, q1, mask=mask)
+            tl.store(dst + HALF, q2, mask=mask)
         else:
             mask = (heads < KVH)[:, None]
             pos = tl.load(pos_ptr + b * sp_b + t * sp_t).to(tl.int64)
             mask = mask & (pos >= 0) & (pos < S)  # (the caller checks; never write outside)
             src = k_ptr + b * sk_b + t * sk_t + heads[:, None] * sk_h + d[None, :]
-            x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
             # The caches [B, KVH, S, D], contiguous. The key is rounded to k's dtype first (as
             # `apply_rotary` returns it), then to the cache's.
+            k1, k2 = _rotate(tl.load(src, mask=mask, other=0.0),
+                             tl.load(src + HALF, mask=mask, other=0.0), cos, sin,
+                             k_ptr.dtype.element_ty)
             slot = ((b * KVH + heads[:, None]) * S + pos) * D + d[None, :]
-            k1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
-            k2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
             tl.store(k_cache_ptr + slot, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
             tl.store(k_cache_ptr + slot + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
             vsrc = v_ptr + b * sv_b + t * sv_t + heads[:, None] * sv_h + d[None, :]
@@ -173,6 +180,11 @@ def rotate_into_cache_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"rotate_into_cache_triton: needs a power-of-two head size (got "
                          f"{q.shape[-1]}), contiguous caches of q's batch, the last axes "
                          f"contiguous and cos, sin of one layout")
+    return _launch_rotate(q, k, v, cos, sin, input_pos, k_cache, v_cache)
+
+
+def _launch_rotate(q, k, v, cos, sin, input_pos, k_cache, v_cache) -> torch.Tensor:
+    """`_rotate_kernel` on tensors `_kernel_takes`."""
     batch, seq, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
     out = torch.empty((batch, n_heads, seq, head_dim), dtype=q.dtype, device=q.device)
@@ -201,5 +213,5 @@ def rotate_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
         q rotated, [B, H, T, D] contiguous, in q's dtype.
     """
     if _use_kernel(q) and _kernel_takes(q, k, v, cos, sin, k_cache, v_cache):
-        return rotate_into_cache_triton(q, k, v, cos, sin, input_pos, k_cache, v_cache)
+        return _launch_rotate(q, k, v, cos, sin, input_pos, k_cache, v_cache)
     return rotate_into_cache_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache)

@@ -263,12 +263,18 @@ def linear_input_ref(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
     return x
 
 
+def _around(linear, x: torch.Tensor, fusion: Fusion, prologue, swiglu_fn) -> torch.Tensor:
+    """residual + epilogue(linear(prologue(x))), the norm by `prologue(x, fusion)` and SwiGLU by
+    `swiglu_fn`."""
+    y = linear(prologue(x, fusion))
+    if fusion.swiglu:
+        y = swiglu_fn(y)
+    return y if fusion.residual is None else fusion.residual + y
+
+
 def fused_linear_ref(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
     """residual + epilogue(linear(prologue(x))) in PyTorch ops, for any `linear` callable."""
-    y = linear(linear_input_ref(x, fusion))
-    if fusion.swiglu:
-        y = swiglu_ref(y)
-    return y if fusion.residual is None else fusion.residual + y
+    return _around(linear, x, fusion, linear_input_ref, swiglu_ref)
 
 
 def _out_features(n: int, swiglu: bool) -> int:
@@ -2250,10 +2256,7 @@ def fused_linear(linear, x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in tensors))):
         return fused_linear_ref(linear, x, fusion)
-    y = linear(_linear_input(x, fusion))
-    if fusion.swiglu:
-        y = swiglu(y)
-    return y if fusion.residual is None else fusion.residual + y
+    return _around(linear, x, fusion, _linear_input, swiglu)
 
 
 def _call_op(scheme: int, op, x: torch.Tensor, n: int, operands: tuple,
