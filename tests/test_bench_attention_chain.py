@@ -1,21 +1,12 @@
 """scripts/bench_attention_chain.py refuses bad flags, and a machine without CUDA, clearly."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "bench_attention_chain.py"
+from script_run import run_script
 
 
 def run(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return run_script("bench_attention_chain.py", *args)
 
 
 @pytest.mark.parametrize("args, message", [

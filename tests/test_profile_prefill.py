@@ -1,23 +1,15 @@
 """scripts/profile_prefill.py runs end to end on the CPU (a tiny shape) and refuses a missing GPU
 clearly."""
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "profile_prefill.py"
+from script_run import run_script
 
 
 def run(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return run_script("profile_prefill.py", *args)
 
 
 def test_cpu_profile_of_a_tiny_prefill():

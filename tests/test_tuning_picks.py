@@ -127,19 +127,15 @@ def test_flags_without_a_command_or_a_file_are_refused(capsys):
 def test_it_wraps_a_tachylm_command(tmp_path):
     """End to end on the CPU (no autotuned kernel runs there): the command runs, its exit code
     comes back and the dump is written; a failing command's code too."""
-    import os
-    import subprocess
-    import sys
+    from script_run import run_script
 
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1] / "src"))
     dump = tmp_path / "picks.json"
-    ok = subprocess.run([sys.executable, str(SCRIPT), "--dump", str(dump), "--", "bench", "--shape",
-                         "tiny", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],
-                        capture_output=True, text=True, env=env, timeout=600)
+    ok = run_script("tuning_picks.py", "--dump", str(dump), "--", "bench", "--shape", "tiny",
+                    "--new-tokens", "4", "--repeats", "1", "--device", "cpu", timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "decode b1" in ok.stdout
     data = json.loads(dump.read_text())
     assert data["command"][:3] == ["bench", "--shape", "tiny"] and data["picks"] == []
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--dump", str(dump), "--", "bench",
-                          "--shape", "nope"], capture_output=True, text=True, env=env, timeout=600)
+    bad = run_script("tuning_picks.py", "--dump", str(dump), "--", "bench", "--shape", "nope",
+                     timeout=600)
     assert bad.returncode != 0 and "unknown shape 'nope'" in bad.stderr
